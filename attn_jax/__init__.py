@@ -1,0 +1,88 @@
+"""attn_jax: the Transformer of "Attention Is All You Need" (Vaswani et al. 2017) as pure JAX functions.
+
+The core is pairs of pure functions, ``init_<block>(rng, ...) -> params`` and ``<block>(params, x, ...)``,
+over plain parameter dicts; ``attn_jax.nn`` wraps them as Flax NNX modules. Shape letters are explained in
+``attn_jax.types``.
+"""
+
+from attn_jax.attention import (
+    from_flax_linen_attention,
+    init_multi_head_attention,
+    multi_head_attention,
+    project_key_value,
+    project_output,
+    project_query,
+    scaled_dot_product_attention,
+)
+from attn_jax.blocks import decoder_block, encoder_block, init_decoder_block, init_encoder_block
+from attn_jax.layers import (
+    dropout,
+    embed,
+    init_embedding,
+    init_layer_norm,
+    init_learned_positions,
+    init_position_wise_ffn,
+    layer_norm,
+    learned_positions,
+    position_wise_ffn,
+    shared_logits,
+    sinusoidal_positions,
+)
+from attn_jax.masks import causal_mask, combine_masks, padding_mask
+from attn_jax.model_config import ConfigError, TransformerConfig
+from attn_jax.transformer import (
+    count_params,
+    decode,
+    decode_step,
+    encode,
+    init_decode_cache,
+    init_language_model,
+    init_language_model_cache,
+    init_transformer,
+    language_model,
+    language_model_step,
+    transformer,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError",
+    "TransformerConfig",
+    "causal_mask",
+    "combine_masks",
+    "count_params",
+    "decode",
+    "decode_step",
+    "decoder_block",
+    "dropout",
+    "embed",
+    "encode",
+    "encoder_block",
+    "from_flax_linen_attention",
+    "init_decode_cache",
+    "init_decoder_block",
+    "init_embedding",
+    "init_encoder_block",
+    "init_language_model",
+    "init_language_model_cache",
+    "init_layer_norm",
+    "init_learned_positions",
+    "init_multi_head_attention",
+    "init_position_wise_ffn",
+    "init_transformer",
+    "language_model",
+    "language_model_step",
+    "layer_norm",
+    "learned_positions",
+    "multi_head_attention",
+    "padding_mask",
+    "position_wise_ffn",
+    "project_key_value",
+    "project_output",
+    "project_query",
+    "scaled_dot_product_attention",
+    "shared_logits",
+    "sinusoidal_positions",
+    "transformer",
+]

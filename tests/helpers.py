@@ -1,0 +1,16 @@
+"""Small shared test utilities."""
+
+import jax
+import numpy as np
+
+
+def assert_trees_allclose(actual, expected, *, rtol=1e-5, atol=1e-6):
+    """Asserts two pytrees have the same structure and allclose leaves."""
+    actual_leaves, actual_def = jax.tree.flatten(actual)
+    expected_leaves, expected_def = jax.tree.flatten(expected)
+    assert actual_def == expected_def, f"tree structures differ:\n{actual_def}\n{expected_def}"
+    for path_and_a, e in zip(jax.tree_util.tree_leaves_with_path(actual), expected_leaves):
+        path, a = path_and_a
+        np.testing.assert_allclose(
+            np.asarray(a), np.asarray(e), rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path)
+        )
