@@ -1,11 +1,13 @@
-# One entry point for everything: each target creates the virtualenv it needs.
+# Every target creates the virtualenv it needs. `make train` and `make test` are all a fresh machine needs.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
+RUN ?= runs/ding_en_de
+EXP ?= experiments/ding_en_de.py
+ARGS ?=
 
-.PHONY: install test test-fast lint train bench clean
+.PHONY: install test test-fast lint train smoke bench clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -15,15 +17,24 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The whole suite on 8 simulated CPU devices (multi-device tests need them), two workers.
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 --dist loadgroup -q attn_jax tests
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -n 2 -q attn_jax tests
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -n 2 -q -m "not slow" attn_jax tests
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -n 2 -q -m "not slow" attn_jax tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check attn_jax tests experiments
 	$(BIN)/ruff format --check attn_jax tests experiments
+
+# The default run: English->German on the Ding sentences (fetched from Debian's trans-de-en on first use),
+# at most 20 minutes on 2 CPU cores. Running it again resumes from the newest checkpoint in $(RUN).
+train: $(STAMP)
+	$(BIN)/attn-jax train --config $(EXP) --workdir $(RUN) $(ARGS)
+
+smoke: $(STAMP)
+	$(BIN)/attn-jax train --config experiments/tiny.py --workdir /tmp/attn_jax_smoke $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

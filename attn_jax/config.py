@@ -1,0 +1,166 @@
+"""Experiment files: loading, command-line overrides and validation, all before anything is traced.
+
+An experiment is a Python file ``experiments/NAME.py`` with ``get_config(arg: str | None) -> ConfigDict``.
+It is named on the command line as ``experiments/NAME.py[:ARG]`` (``ARG`` like ``size=big,runlocal``, parsed
+by ``parse_arg``) and overridden with ``--config.a.b=VALUE``. The returned config is locked: a key that is not
+in the file is a ``ConfigError`` with a did-you-mean suggestion, and a value of the wrong type is one too.
+"""
+
+import ast
+import dataclasses
+import difflib
+import importlib.util
+import pathlib
+from typing import Any
+
+import ml_collections
+
+from attn_jax.model_config import ConfigError, TransformerConfig
+
+__all__ = ["ConfigError", "load_experiment", "apply_overrides", "parse_arg", "model_config", "flatten"]
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+    """Parses ``"size=big,runlocal"`` into ``{"size": "big", "runlocal": True}`` over typed defaults.
+
+    Each value takes the type of its default; a bare name means True. Unknown names are errors.
+
+    Example:
+      >>> dict(parse_arg("size=big,runlocal", size="base", runlocal=False, steps=10))
+      {'runlocal': True, 'size': 'big', 'steps': 10}
+    """
+    result = ml_collections.ConfigDict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        name, has_value, text = item.partition("=")
+        name = name.strip()
+        if name not in defaults:
+            raise ConfigError(f"unknown experiment argument {name!r}{_suggest(name, defaults)}")
+        result[name] = _parse_value(text if has_value else "true", defaults[name], f"argument {name}")
+    return result
+
+
+def load_experiment(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+    """Loads ``experiments/NAME.py[:ARG]``, applies ``a.b=VALUE`` overrides and validates the model section.
+
+    Args:
+      spec: path of the experiment file, optionally followed by ``:ARG`` for its ``get_config``.
+      overrides: strings ``"a.b=VALUE"`` (``--config.`` prefix allowed).
+
+    Returns:
+      The locked ``ConfigDict``.
+
+    Raises:
+      ConfigError: missing file, no ``get_config``, unknown key, wrong type or inconsistent model values.
+    """
+    path_text, _, arg = spec.partition(":")
+    path = pathlib.Path(path_text)
+    if not path.is_file():
+        raise ConfigError(f"experiment file {path_text!r} not found")
+    module_spec = importlib.util.spec_from_file_location(f"attn_jax_experiment_{path.stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"experiment file {path_text!r} defines no get_config(arg)")
+    config = module.get_config(arg or None)
+    config.lock()
+    apply_overrides(config, overrides)
+    if "model" in config:
+        model_config(config)  # validates now, before any compile
+    return config
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides) -> None:
+    """Sets each ``a.b=VALUE`` in place, parsing VALUE as the type of the value it replaces."""
+    for item in overrides:
+        key, sep, text = item.removeprefix("--").removeprefix("config.").partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} must look like --config.a.b=VALUE")
+        parent, name = _resolve(config, key)
+        parent[name] = _parse_value(text, parent[name], f"config.{key}")
+
+
+def _resolve(config: ml_collections.ConfigDict, dotted: str):
+    """The ConfigDict holding ``dotted`` and its last name, or a ConfigError naming the unknown key."""
+    walked: list[str] = []
+    parent, node = config, config
+    for part in dotted.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            siblings = [".".join(walked + [k]) for k in node] if isinstance(node, ml_collections.ConfigDict) else []
+            key = ".".join(walked + [part])
+            raise ConfigError(f"unknown config key config.{key}{_suggest(key, siblings or flatten(config), 'config.')}")
+        walked.append(part)
+        parent, node = node, node[part]
+    return parent, walked[-1]
+
+
+def _suggest(name: str, candidates, prefix: str = "") -> str:
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean {prefix + close[0]!r}?)" if close else ""
+
+
+def _parse_value(text: str, current: Any, where: str) -> Any:
+    """Converts a command-line string to the type of ``current`` (None accepts any Python literal)."""
+    text = text.strip()
+    try:
+        if isinstance(current, bool):
+            lowered = text.lower()
+            if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(text)
+            return lowered in ("true", "1", "yes")
+        if isinstance(current, int):
+            return int(text)
+        if isinstance(current, float):
+            return float(text)
+        if isinstance(current, str):
+            return text
+        if isinstance(current, tuple | list):
+            value = ast.literal_eval(text)
+            return type(current)(value if isinstance(value, tuple | list) else [value])
+        if current is None:
+            return None if text.lower() == "none" else _literal_or_text(text)
+    except (ValueError, SyntaxError) as error:
+        raise ConfigError(f"{where}: expected {type(current).__name__}, got {text!r}") from error
+    raise ConfigError(f"{where}: cannot override a value of type {type(current).__name__}")
+
+
+def _literal_or_text(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+    """``{"a.b": value}`` for every leaf of a ConfigDict."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            out |= flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _vocab_size(config: ml_collections.ConfigDict) -> int | None:
+    """The vocabulary the data section implies: the tokenizer's size, or the copy task's id range."""
+    data = config.get("data")
+    if data is None:
+        return None
+    return data.copy.vocab_size if data.get("name") == "copy" else data.get("vocab_size")
+
+
+def model_config(config: ml_collections.ConfigDict, **overrides: Any) -> TransformerConfig:
+    """``TransformerConfig`` from ``config.model``, its vocabulary size from ``config.data`` (or ``overrides``).
+
+    Raises:
+      ConfigError: an unknown model key (with a suggestion) or an invalid value, naming ``config.model.<field>``.
+    """
+    fields = {f.name for f in dataclasses.fields(TransformerConfig)}
+    values = {"vocab_size": _vocab_size(config)} | dict(config.model) | overrides
+    for name in values:
+        if name not in fields:
+            raise ConfigError(f"unknown config key config.model.{name}{_suggest(name, fields, 'config.model.')}")
+    try:
+        return TransformerConfig(**values)
+    except ConfigError as error:
+        raise ConfigError(str(error).replace("TransformerConfig.", "config.model.")) from None

@@ -1,0 +1,157 @@
+"""Length bucketing with a token budget (paper §5.1: "Sentence pairs were batched together by approximate
+sequence length. Each training batch contained a set of sentence pairs containing approximately 25000
+source tokens and 25000 target tokens").
+
+Pure NumPy, no I/O: given the padded length of every example, these functions decide which examples go
+into which batch. Every batch has one of a few static shapes ``[B_b, L_b]``: ``L_b`` is a bucket
+boundary (a multiple of 8) and ``B_b = tokens_per_batch // L_b`` rounded down to a multiple of
+``batch_multiple``, so a jitted step compiles once per bucket and batches split evenly across devices.
+"""
+
+import math
+
+import numpy as np
+
+# Dummy rows in evaluation batches point here.
+NO_EXAMPLE = -1
+
+
+def bucket_boundaries(max_length: int, *, multiple: int = 8, growth: float = 1.5) -> tuple[int, ...]:
+    """Bucket lengths: multiples of ``multiple``, growing by about ``growth``, the last covering ``max_length``.
+
+    Args:
+      max_length: longest padded sequence.
+      multiple: every boundary is a multiple of this.
+      growth: ratio between neighbouring boundaries; fewer, coarser buckets as it grows.
+
+    Returns:
+      Increasing boundaries; an example of length ``n`` goes to the first one ``>= n``.
+
+    Example:
+      >>> bucket_boundaries(256)
+      (8, 16, 24, 40, 64, 96, 144, 216, 256)
+    """
+    if max_length < 1 or multiple < 1 or growth <= 1:
+        raise ValueError(f"need max_length, multiple >= 1 and growth > 1, got {max_length}, {multiple}, {growth}")
+    last = _round_up(max_length, multiple)
+    boundaries = [multiple]
+    while boundaries[-1] < last:
+        grown = _round_up(math.ceil(boundaries[-1] * growth), multiple)
+        boundaries.append(min(max(grown, boundaries[-1] + multiple), last))
+    return tuple(boundaries)
+
+
+def batch_sizes(boundaries: tuple[int, ...], tokens_per_batch: int, batch_multiple: int) -> tuple[int, ...]:
+    """Rows per batch of each bucket: as many as the token budget allows, a multiple of ``batch_multiple``.
+
+    Args:
+      boundaries: bucket lengths.
+      tokens_per_batch: most padded tokens per batch and per side (source, target), across all hosts.
+      batch_multiple: every batch size is a multiple of this (e.g. the number of devices).
+
+    Returns:
+      One batch size per bucket, each ``* boundary <= tokens_per_batch``.
+
+    Raises:
+      ValueError: the budget cannot hold ``batch_multiple`` rows of some bucket.
+
+    Example:
+      >>> batch_sizes((8, 16, 24), tokens_per_batch=100, batch_multiple=2)
+      (12, 6, 4)
+    """
+    sizes = tuple((tokens_per_batch // length) // batch_multiple * batch_multiple for length in boundaries)
+    if min(sizes) < 1:
+        raise ValueError(
+            f"tokens_per_batch={tokens_per_batch} cannot hold {batch_multiple} rows of length "
+            f"{max(boundaries)}: raise it to at least {batch_multiple * max(boundaries)}"
+        )
+    return sizes
+
+
+def assign_buckets(lengths: np.ndarray, boundaries: tuple[int, ...]) -> np.ndarray:
+    """Index of the smallest bucket that holds each length.
+
+    Args:
+      lengths: padded lengths, ``[N]``; each at most ``boundaries[-1]``.
+      boundaries: bucket lengths.
+
+    Returns:
+      ``int64`` bucket indices, ``[N]``.
+
+    Example:
+      >>> assign_buckets(np.array([1, 8, 9, 24]), (8, 16, 24)).tolist()
+      [0, 0, 1, 2]
+    """
+    if lengths.size and lengths.max() > boundaries[-1]:
+        raise ValueError(f"length {lengths.max()} exceeds the last bucket {boundaries[-1]}")
+    return np.searchsorted(np.asarray(boundaries), lengths, side="left")
+
+
+def plan_epoch(
+    buckets: np.ndarray, sizes: tuple[int, ...], *, seed: int, epoch: int, shuffle: bool = True
+) -> list[tuple[int, np.ndarray]]:
+    """Training batches of one epoch: full batches only, examples and batch order shuffled per epoch.
+
+    The examples left over in each bucket (fewer than a batch) are skipped this epoch; as the shuffle
+    changes per epoch, other examples are skipped next time. The number of batches is the same every
+    epoch.
+
+    Args:
+      buckets: bucket index per example, ``[N]``; negative means "not used".
+      sizes: batch size per bucket.
+      seed: shuffle seed.
+      epoch: epoch number, mixed into the seed.
+      shuffle: if False, examples keep index order and batches are ordered by bucket.
+
+    Returns:
+      ``(bucket, example indices [sizes[bucket]])`` per batch.
+
+    Example:
+      >>> batches = plan_epoch(np.array([0, 0, 1, 0, 1]), (2, 2), seed=0, epoch=0, shuffle=False)
+      >>> [(bucket, rows.tolist()) for bucket, rows in batches]
+      [(0, [0, 1]), (1, [2, 4])]
+    """
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(buckets)) if shuffle else np.arange(len(buckets))
+    order = order[buckets[order] >= 0]
+    # A stable sort keeps the shuffled order inside each bucket.
+    order = order[np.argsort(buckets[order], kind="stable")]
+    batches = []
+    for bucket, size in enumerate(sizes):
+        members = order[buckets[order] == bucket]
+        full = len(members) // size * size
+        batches += [(bucket, rows) for rows in members[:full].reshape(-1, size)]
+    if shuffle:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+def plan_single_pass(buckets: np.ndarray, sizes: tuple[int, ...]) -> list[tuple[int, np.ndarray]]:
+    """Evaluation batches: every example exactly once, in index order within each bucket.
+
+    The last batch of a bucket is filled up with ``NO_EXAMPLE`` rows.
+
+    Args:
+      buckets: bucket index per example, ``[N]``; all must be ``>= 0``.
+      sizes: batch size per bucket.
+
+    Returns:
+      ``(bucket, example indices [sizes[bucket]])`` per batch, ordered by bucket.
+
+    Example:
+      >>> [(b, rows.tolist()) for b, rows in plan_single_pass(np.array([0, 1, 0, 0]), (2, 2))]
+      [(0, [0, 2]), (0, [3, -1]), (1, [1, -1])]
+    """
+    if (buckets < 0).any():
+        raise ValueError("every example needs a bucket in a single pass")
+    batches = []
+    for bucket, size in enumerate(sizes):
+        members = np.flatnonzero(buckets == bucket)
+        padded = np.full(_round_up(len(members), size), NO_EXAMPLE, dtype=np.int64)
+        padded[: len(members)] = members
+        batches += [(bucket, rows) for rows in padded.reshape(-1, size)]
+    return batches
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple

@@ -1,0 +1,208 @@
+"""One SentencePiece vocabulary shared by source and target (paper §5.1: "a shared source-target
+vocabulary of about 37000 tokens", byte-pair encoding).
+
+The model is trained on the text of the training split, saved as ``sentencepiece.model`` in a folder (the
+run's workdir) and reused from there on later runs, so a resumed run keeps its token ids. The special ids
+are fixed, whatever the corpus: ``PAD_ID = 0`` (so padding is zero and masks are ``ids != 0``),
+``EOS_ID = 1``, ``BOS_ID = 2``, ``UNK_ID = 3``. ``encode`` adds no special ids; the pipeline adds them.
+"""
+
+import io
+import itertools
+import os
+import pathlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Literal
+
+import grain
+import numpy as np
+import sentencepiece as spm
+
+PAD_ID = 0
+EOS_ID = 1
+BOS_ID = 2
+UNK_ID = 3
+MODEL_FILE_NAME = "sentencepiece.model"
+
+ModelType = Literal["unigram", "bpe"]
+
+
+def train_tokenizer(
+    texts: Iterable[str | bytes],
+    model_dir: str | os.PathLike,
+    *,
+    vocab_size: int,
+    model_type: ModelType = "bpe",
+    max_sentences: int = 10_000_000,
+    character_coverage: float = 1.0,
+    num_threads: int = 4,
+) -> spm.SentencePieceProcessor:
+    """Trains a SentencePiece model on ``texts`` and saves it as ``model_dir/sentencepiece.model``.
+
+    Args:
+      texts: training sentences, source and target sides mixed (see `training_texts`).
+      model_dir: folder to save the model in; created when missing.
+      vocab_size: number of pieces, special ids included. Fails when the text is too small for it.
+      model_type: ``"bpe"`` (the paper's byte-pair encoding) or ``"unigram"``.
+      max_sentences: SentencePiece samples at most this many sentences.
+      character_coverage: share of characters covered by the alphabet; the rest map to ``UNK_ID``.
+      num_threads: training threads.
+
+    Returns:
+      The trained tokenizer.
+
+    Example:
+      >>> import tempfile
+      >>> texts = ["the cat sat on the mat", "die Katze sass auf der Matte"] * 20
+      >>> tokenizer = train_tokenizer(texts, tempfile.mkdtemp(), vocab_size=40)
+      >>> tokenizer.vocab_size(), decode(tokenizer, encode(tokenizer, "the cat"))
+      (40, 'the cat')
+    """
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_as_str(texts),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        input_sentence_size=max_sentences,
+        shuffle_input_sentence=True,
+        character_coverage=character_coverage,
+        num_threads=num_threads,
+        pad_id=PAD_ID,
+        eos_id=EOS_ID,
+        bos_id=BOS_ID,
+        unk_id=UNK_ID,
+        minloglevel=2,  # training logs a line per EM step; keep warnings and errors only
+    )
+    path = pathlib.Path(model_dir) / MODEL_FILE_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = path.with_suffix(f".tmp{os.getpid()}")
+    scratch.write_bytes(model.getvalue())
+    os.replace(scratch, path)  # atomic: a concurrent reader never loads half a model
+    return load_tokenizer(model_dir)
+
+
+def load_tokenizer(model_dir: str | os.PathLike) -> spm.SentencePieceProcessor:
+    """Loads ``model_dir/sentencepiece.model`` and checks its special ids.
+
+    Args:
+      model_dir: folder holding the model.
+
+    Returns:
+      The tokenizer.
+
+    Raises:
+      FileNotFoundError: no model there.
+      ValueError: the model's special ids are not ``PAD_ID, EOS_ID, BOS_ID, UNK_ID``.
+    """
+    tokenizer = spm.SentencePieceProcessor(model_file=str(pathlib.Path(model_dir) / MODEL_FILE_NAME))
+    found = (tokenizer.pad_id(), tokenizer.eos_id(), tokenizer.bos_id(), tokenizer.unk_id())
+    if found != (PAD_ID, EOS_ID, BOS_ID, UNK_ID):
+        raise ValueError(f"{model_dir}: special ids (pad, eos, bos, unk) are {found}, expected (0, 1, 2, 3)")
+    return tokenizer
+
+
+def load_or_train_tokenizer(
+    model_dir: str | os.PathLike,
+    texts: Callable[[], Iterable[str | bytes]],
+    *,
+    vocab_size: int,
+    **train_kwargs: object,
+) -> spm.SentencePieceProcessor:
+    """Reuses ``model_dir/sentencepiece.model`` when present, else trains it with `train_tokenizer`.
+
+    In a multi-host run let one process train (e.g. ``jax.process_index() == 0``) and the others wait
+    for the file, or train it before starting.
+
+    Args:
+      model_dir: the run's workdir.
+      texts: called only when training, returns the training sentences.
+      vocab_size: wanted vocabulary size; a saved model of another size is an error.
+      **train_kwargs: more arguments for `train_tokenizer`.
+
+    Returns:
+      The tokenizer.
+
+    Raises:
+      ValueError: the saved model has another vocabulary size.
+
+    Example:
+      >>> import tempfile
+      >>> workdir = tempfile.mkdtemp()
+      >>> texts = lambda: ["the cat sat on the mat", "die Katze sass auf der Matte"] * 20
+      >>> first = load_or_train_tokenizer(workdir, texts, vocab_size=40)
+      >>> again = load_or_train_tokenizer(workdir, lambda: [], vocab_size=40)  # reused: no text needed
+      >>> again.serialized_model_proto() == first.serialized_model_proto()
+      True
+    """
+    if (pathlib.Path(model_dir) / MODEL_FILE_NAME).is_file():
+        tokenizer = load_tokenizer(model_dir)
+        if tokenizer.vocab_size() != vocab_size:
+            raise ValueError(
+                f"{model_dir}/{MODEL_FILE_NAME} has {tokenizer.vocab_size()} pieces, the config asks for "
+                f"{vocab_size}: remove the file or use another workdir"
+            )
+        return tokenizer
+    return train_tokenizer(texts(), model_dir, vocab_size=vocab_size, **train_kwargs)  # type: ignore[arg-type]
+
+
+def training_texts(
+    source: grain.sources.RandomAccessDataSource,
+    keys: Sequence[str] = ("en", "de"),
+    *,
+    max_examples: int | None = None,
+) -> Iterator[str]:
+    """Yields the texts of both sides of a split, for `train_tokenizer`.
+
+    Args:
+      source: a random-access data source (e.g. a TFDS ``train`` split).
+      keys: the features holding text.
+      max_examples: read at most this many examples (from the start).
+
+    Returns:
+      An iterator over strings, ``len(keys)`` per example.
+
+    Example:
+      >>> list(training_texts([{"en": b"Hi.", "de": b"Hallo."}]))
+      ['Hi.', 'Hallo.']
+    """
+    count = len(source) if max_examples is None else min(max_examples, len(source))
+    for index in range(count):
+        example = source[index]
+        for key in keys:
+            yield _to_str(example[key])
+
+
+def encode(tokenizer: spm.SentencePieceProcessor, text: str | bytes) -> np.ndarray:
+    """Token ids of one text, without BOS or EOS.
+
+    Args:
+      tokenizer: a SentencePiece model.
+      text: the text (``bytes`` are read as UTF-8, as TFDS returns them).
+
+    Returns:
+      ``int32`` ids, shape ``[L]``.
+    """
+    return np.asarray(tokenizer.encode(_to_str(text)), dtype=np.int32)
+
+
+def decode(tokenizer: spm.SentencePieceProcessor, ids: Iterable[int] | np.ndarray) -> str:
+    """Text of ids, read up to the first ``EOS_ID``, with ``PAD_ID`` and ``BOS_ID`` skipped.
+
+    Args:
+      tokenizer: a SentencePiece model.
+      ids: token ids, e.g. one row of a model output ``[T]``.
+
+    Returns:
+      The detokenized text.
+    """
+    ids = itertools.takewhile(lambda i: i != EOS_ID, (int(i) for i in np.asarray(ids).reshape(-1)))
+    return tokenizer.decode([i for i in ids if i not in (PAD_ID, BOS_ID)])
+
+
+def _to_str(text: str | bytes) -> str:
+    return text.decode("utf-8") if isinstance(text, bytes) else text
+
+
+def _as_str(texts: Iterable[str | bytes]) -> Iterator[str]:
+    return (_to_str(text) for text in texts)

@@ -1,0 +1,115 @@
+"""Defaults of the experiment config format; each file in experiments/ starts from these and overrides.
+
+Every field carries a one-line comment. The model section mirrors ``attn_jax.TransformerConfig`` (the
+vocabulary size comes from the tokenizer, so it is not set here).
+"""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Paper defaults for training, evaluation and parallelism; model and data left to the experiment."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # seeds parameter init, dropout and data order
+    c.task = "translation"  # "translation" (encoder-decoder) or "lm" (decoder-only)
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 100_000  # optimiser updates (paper base: 100k)
+    c.train.warmup_steps = 4000  # linear warm-up of the rsqrt schedule (paper: 4000)
+    c.train.learning_rate_scale = 1.0  # multiplies d_model^-0.5 * min(step^-0.5, step * warmup^-1.5)
+    c.train.b1 = 0.9  # Adam beta1 (paper)
+    c.train.b2 = 0.98  # Adam beta2 (paper)
+    c.train.eps = 1e-9  # Adam epsilon (paper)
+    c.train.label_smoothing = 0.1  # epsilon_ls (paper §5.4)
+    c.train.grad_clip_norm = 0.0  # clip the global gradient norm; 0 = off (paper)
+    c.train.weight_decay = 0.0  # decoupled weight decay; 0 = plain Adam (paper)
+    c.train.accumulation_steps = 1  # micro-batches per update (optax.MultiSteps)
+    c.train.log_every = 50  # steps between metric fetches (the host never waits on the device in between)
+    c.train.eval_every = 1000  # steps between validation loss + BLEU
+    c.train.checkpoint_every = 1000  # steps between checkpoints (always one at the end)
+    c.train.keep_checkpoints = 5  # newest checkpoints kept (paper averages the last 5 for base)
+    c.train.keep_best = 1  # best checkpoints by validation BLEU kept besides those
+    c.train.nonfinite = "raise"  # on a NaN/Inf loss or gradient: "raise" (stop, name the step) or "skip"
+    c.train.max_consecutive_skips = 10  # with "skip": stop after this many non-finite steps in a row
+    c.train.time_budget_minutes = 0.0  # stop (and checkpoint) after this long; 0 = no limit
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.beam_size = 4  # paper: 4
+    c.eval.alpha = 0.6  # length penalty ((5 + len) / 6)^alpha (paper: 0.6)
+    c.eval.extra_length = 50  # maximum output length = input length + this (paper: 50)
+    c.eval.bleu_examples = 500  # validation sentences translated at each evaluation during training
+    c.eval.batch_size = 64  # sentences per decoding batch
+    c.eval.num_samples = 5  # sample translations printed and logged
+    c.eval.attention_plots = 3  # validation sentences whose attention is plotted at the end
+
+    c.parallel = ml_collections.ConfigDict()
+    c.parallel.strategy = "jit"  # "jit" (sharded, default) or "pmap" (classic data parallelism)
+    c.parallel.data = -1  # mesh axis sizes; -1 = all remaining devices
+    c.parallel.fsdp = 1  # parameters sharded along d_model, batch along this axis too
+    c.parallel.tensor = 1  # heads, FFN hidden units and vocabulary split across this axis
+    c.parallel.distributed = False  # call jax.distributed.initialize() (multi-host); also auto on TPU pods
+    return c
+
+
+def model_config(**overrides) -> ml_collections.ConfigDict:
+    """``TransformerConfig`` fields (paper base) minus the vocabulary size; see attn_jax/model_config.py."""
+    model = ml_collections.ConfigDict()
+    model.d_model = 512  # D = d_model
+    model.num_heads = 8  # N = h
+    model.num_kv_heads = ml_collections.config_dict.placeholder(int)  # K; None = N (paper)
+    model.head_dim = ml_collections.config_dict.placeholder(int)  # H = d_k = d_v; None = d_model / h
+    model.d_ff = 2048  # F = d_ff
+    model.num_encoder_layers = 6  # encoder depth
+    model.num_decoder_layers = 6  # decoder depth
+    model.max_len = 256  # longest sequence the model accepts
+    model.positions = "sinusoidal"  # or "learned"
+    model.dropout_rate = 0.1  # P_drop
+    model.attention_dropout_rate = 0.0  # dropout on attention weights (not in the paper)
+    model.share_embeddings = True  # source and target share one table (needs a shared vocabulary)
+    model.tie_output_embedding = True  # logits through the target embedding
+    model.scale_embeddings = True  # embeddings * sqrt(d_model)
+    model.norm_first = False  # pre-norm instead of the paper's post-norm
+    model.attention_bias = True  # biases in the attention projections
+    model.layer_norm_epsilon = 1e-6  # layer-norm epsilon
+    model.pad_id = 0  # padding token id
+    model.scan_layers = True  # lax.scan over layers (compile time flat in depth)
+    model.remat = False  # recompute activations in the backward pass
+    model.attention_implementation = ml_collections.config_dict.placeholder(str)  # None = best available
+    model.dtype = "float32"  # compute dtype ("bfloat16" on accelerators)
+    model.update(overrides)
+    return model
+
+
+def data_config(**overrides) -> ml_collections.ConfigDict:
+    """Defaults of ``config.data``: which dataset, its tokenizer and how it is batched."""
+    data = ml_collections.ConfigDict()
+    data.name = "ding_en_de"  # "ding_en_de", "wmt14_translate/de-en" or "copy"
+    data.data_dir = "data_cache/tfds"  # TFDS data dir ("" = TFDS's default)
+    data.ding_file = ""  # a manually downloaded Ding de-en file; "" = find or fetch with apt-get download
+    data.phrases = False  # ding_en_de: add ~53k multi-word phrase pairs to the training split
+    data.source_key = "en"  # feature translated from
+    data.target_key = "de"  # feature translated to (and the language-model text)
+    data.vocab_size = 8000  # shared SentencePiece vocabulary (paper: 37000 BPE for EN-DE)
+    data.tokenizer_type = "bpe"  # "bpe" (as the paper's byte-pair encoding) or "unigram"
+    data.tokenizer_examples = 1_000_000  # training pairs read to train the tokenizer
+    data.max_length = 64  # tokens per side including EOS; longer pairs are dropped or truncated
+    data.overlong = "drop"  # "drop" or "truncate" over-long training pairs (always counted)
+    data.tokens_per_batch = 4096  # padded tokens per batch and side (paper: ~25000)
+    data.eval_tokens_per_batch = 2048  # the same for evaluation batches
+    data.num_threads = 2  # threads preparing batches ahead of the step
+    data.update(overrides)
+    return data
+
+
+def copy_task_config(**overrides) -> ml_collections.ConfigDict:
+    """``config.data.copy``: the synthetic copy/reverse task (no files, no tokenizer)."""
+    copy = ml_collections.ConfigDict()
+    copy.vocab_size = 32  # ids 4..31 are tokens, 0-3 are pad/eos/bos/unk
+    copy.min_length = 4  # shortest sequence
+    copy.max_length = 12  # longest sequence
+    copy.reverse = False  # target = reversed source instead of a copy
+    copy.train_examples = 20_000  # training sequences
+    copy.eval_examples = 256  # held-out validation and test sequences each
+    copy.seed = 0  # seed of the data
+    copy.update(overrides)
+    return copy

@@ -1,0 +1,330 @@
+"""``train_and_evaluate``: the loop that turns an experiment config into a trained, checkpointed model.
+
+Set-up (mesh, data, model, optimiser), then either a fresh sharded initialisation or a restore of the newest
+good checkpoint with the data iterator's position, then steps. The host fetches metrics every ``log_every``
+steps only, evaluates every ``eval_every`` and checkpoints every ``checkpoint_every`` steps, on SIGTERM and at
+the end. Only process 0 writes logs and plots.
+"""
+
+import dataclasses
+import functools
+import json
+import logging
+import pathlib
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from attn_jax import checkpoint as ckpt_lib
+from attn_jax import config as config_lib
+from attn_jax.data.datasets import build_datasets
+from attn_jax import parallel
+from attn_jax.evaluate import evaluate_loss, translation_quality
+from attn_jax.metrics import MetricsWriter, ProgressBar
+from attn_jax.optim import make_optimizer, rsqrt_warmup_schedule
+from attn_jax.report import final_report
+from attn_jax.train import TrainState, eval_step, init_train_state, train_step
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(FloatingPointError):
+    """The loss or a gradient was NaN or Inf (the update was not applied)."""
+
+
+@dataclasses.dataclass
+class _Steps:
+    """The compiled steps for one parallel strategy and how to move state and batches onto the devices."""
+
+    train: callable
+    evaluate: callable
+    put_batch: callable
+    put_state: callable
+    get_state: callable  # device state -> state with global arrays (for checkpoints and decoding)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains ``config`` in ``workdir``, resuming from its newest good checkpoint; returns the final metrics."""
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    chief = jax.process_index() == 0
+
+    # ---------------------------------------------------------------- set-up
+    mesh = parallel.make_mesh({a: config.parallel[a] for a in parallel.MESH_AXES})
+    datasets = build_datasets(config, workdir, batch_multiple=parallel.batch_divisor(mesh))
+    model_config = config_lib.model_config(config, vocab_size=datasets.vocab_size)
+    if chief:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+        log.info("model: %s", model_config)
+    schedule = rsqrt_warmup_schedule(
+        model_config.d_model, config.train.warmup_steps, scale=config.train.learning_rate_scale
+    )
+    tx = _optimizer(config.train, schedule)
+    steps = _compile_steps(config, model_config, tx, mesh)
+    writer = MetricsWriter(workdir)
+    checkpointer = _checkpointer(config, workdir, datasets)
+
+    # ---------------------------------------------------------------- state: restore or initialise
+    rng = jax.random.key(config.seed)
+    init_rng, dropout_rng = jax.random.split(rng)
+    state = _restore_or_init(config, model_config, tx, mesh, checkpointer, datasets, init_rng)
+    start_step = int(jax.device_get(state.step))
+    device_state = steps.put_state(state)
+    metadata = ckpt_lib.environment_metadata() | {"data_fingerprint": datasets.fingerprint}
+
+    def save(step, metrics=None, force=False):
+        checkpointer.save(
+            step, _to_checkpoint(steps.get_state(device_state)), data_state=datasets.train.get_state(),
+            config=json.loads(config.to_json_best_effort()), metadata=metadata, metrics=metrics, force=force,
+        )  # fmt: skip
+
+    # ---------------------------------------------------------------- loop
+    total = config.train.steps
+    stop = _StopSignal()
+    bar = ProgressBar(total, initial_step=start_step, enabled=chief)
+    pending: list[tuple[int, dict]] = []
+    tokens_since, time_since = 0, time.perf_counter()
+    deadline = time.monotonic() + 60 * config.train.time_budget_minutes if config.train.time_budget_minutes else None
+    skips = 0
+    step = start_step
+    while step < total:
+        batch = next(datasets.train)
+        device_state, metrics = steps.train(device_state, steps.put_batch(batch), dropout_rng)
+        step += 1
+        tokens_since += int(np.count_nonzero(batch["targets_out"]))
+        pending.append((step, metrics))
+        last = step == total or stop.requested or (deadline is not None and time.monotonic() > deadline)
+        if step % config.train.log_every == 0 or last:
+            skips = _check_finite(pending, config.train, skips)
+            train_metrics = _summarise(pending, schedule)
+            elapsed = time.perf_counter() - time_since
+            train_metrics["tokens_per_second"] = tokens_since / max(elapsed, 1e-9)
+            writer.write(step, train_metrics, split="train")
+            bar.update(step, loss=train_metrics["loss"], learning_rate=train_metrics["learning_rate"],
+                       tokens_per_second=train_metrics["tokens_per_second"])  # fmt: skip
+            pending, tokens_since, time_since = [], 0, time.perf_counter()
+        eval_metrics = None
+        if step % config.train.eval_every == 0 and not last:
+            eval_metrics = _evaluate(config, model_config, steps, device_state, datasets, writer, step, bleu_limit=True)
+        if step % config.train.checkpoint_every == 0 or last:
+            save(step, metrics=eval_metrics, force=last)
+        if last:
+            break
+    bar.close()
+    checkpointer.wait()
+
+    # ---------------------------------------------------------------- final evaluation
+    if stop.requested or step < total:
+        log.warning("stopped early at step %d (%s)", step, "signal" if stop.requested else "time budget")
+    results = _evaluate(config, model_config, steps, device_state, datasets, writer, step, bleu_limit=False)
+    if chief:
+        final_report(config, model_config, steps.get_state(device_state).params, datasets, workdir, results)
+    writer.close()
+    checkpointer.close()
+    stop.restore()
+    return results
+
+
+def _checkpointer(config, workdir: pathlib.Path, datasets) -> ckpt_lib.Checkpointer:
+    return ckpt_lib.Checkpointer(
+        workdir / "checkpoints",
+        max_to_keep=config.train.keep_checkpoints,
+        keep_best=config.train.keep_best,
+        best_metric="exact_match" if datasets.tokenizer is None else "bleu",
+    )
+
+
+def _optimizer(train_config, schedule):
+    return make_optimizer(
+        schedule,
+        b1=train_config.b1,
+        b2=train_config.b2,
+        eps=train_config.eps,
+        grad_clip_norm=train_config.grad_clip_norm or None,
+        weight_decay=train_config.weight_decay,
+        accumulation_steps=train_config.accumulation_steps,
+    )
+
+
+def _compile_steps(config, model_config, tx, mesh) -> _Steps:
+    """Jitted (sharded) or pmapped versions of the one pure ``train_step``/``eval_step``."""
+    train_fn = functools.partial(
+        train_step, model_config=model_config, tx=tx, label_smoothing=config.train.label_smoothing
+    )
+    eval_fn = functools.partial(eval_step, model_config=model_config)
+    if config.parallel.strategy == "pmap":
+        return _pmap_steps(train_fn, eval_fn)
+    if config.parallel.strategy != "jit":
+        raise config_lib.ConfigError(
+            f"config.parallel.strategy: expected 'jit' or 'pmap', got {config.parallel.strategy!r}"
+        )
+    batch_sharding = parallel.batch_sharding(mesh)
+
+    def put_state(state):
+        shardings = parallel.state_shardings(jax.eval_shape(lambda: state), mesh, tx)
+        return jax.device_put(state, shardings)
+
+    return _Steps(
+        train=jax.jit(train_fn, donate_argnums=0),
+        evaluate=jax.jit(eval_fn),
+        put_batch=lambda batch: jax.device_put(batch, batch_sharding),
+        put_state=put_state,
+        get_state=lambda state: state,
+    )
+
+
+def _pmap_steps(train_fn, eval_fn) -> _Steps:
+    axis = "batch"
+    count = jax.local_device_count()
+
+    def split(batch):
+        # [B, ...] -> [devices, B / devices, ...]
+        return jax.tree.map(lambda x: x.reshape(count, x.shape[0] // count, *x.shape[1:]), batch)
+
+    train = jax.pmap(functools.partial(train_fn, axis_name=axis), axis_name=axis, donate_argnums=0,
+                     in_axes=(0, 0, None))  # fmt: skip
+    evaluate = jax.pmap(functools.partial(eval_fn, axis_name=axis), axis_name=axis)
+    return _Steps(
+        train=lambda state, batch, rng: _first_metrics(train(state, batch, rng)),
+        evaluate=lambda params, batch: jax.tree.map(lambda x: x[0], evaluate(params, batch)),
+        put_batch=split,
+        put_state=lambda state: jax.device_put_replicated(state, jax.local_devices()),
+        get_state=lambda state: jax.tree.map(lambda x: x[0], state),
+    )
+
+
+def _first_metrics(result):
+    state, metrics = result
+    return state, jax.tree.map(lambda x: x[0], metrics)  # psum-ed already: every replica holds the total
+
+
+def _restore_or_init(config, model_config, tx, mesh, checkpointer, datasets, init_rng) -> TrainState:
+    init = functools.partial(init_train_state, model_config=model_config, tx=tx, task=config.task)
+    abstract = jax.eval_shape(init, init_rng)
+    shardings = parallel.state_shardings(abstract, mesh, tx)
+    if checkpointer.latest_step() is None:
+        return jax.jit(init, out_shardings=shardings)(init_rng)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    restored = checkpointer.restore(_to_checkpoint(target))
+    if restored.data_state:
+        datasets.train.set_state(restored.data_state)
+    log.info("resumed from step %d", restored.step)
+    return _from_checkpoint(restored.state)
+
+
+def _to_checkpoint(state: TrainState) -> dict:
+    return {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+
+
+def _from_checkpoint(tree: dict) -> TrainState:
+    return TrainState(step=jnp.asarray(tree["step"]), params=tree["params"], opt_state=tree["opt_state"])
+
+
+def _check_finite(pending, train_config, skips: int) -> int:
+    """Applies the non-finite policy to the steps since the last fetch; returns the consecutive-skip count."""
+    for step, metrics in pending:
+        if float(metrics["finite"]) == 1.0:
+            skips = 0
+            continue
+        if train_config.nonfinite == "raise":
+            raise NonFiniteError(
+                f"non-finite loss or gradient at step {step} (loss sum {float(metrics['loss'])}); the update was "
+                "not applied and the last checkpoint is intact. Rerun with --config.train.nonfinite=skip to skip."
+            )
+        skips += 1
+        log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step, skips)
+        if skips > train_config.max_consecutive_skips:
+            raise NonFiniteError(f"{skips} consecutive non-finite steps up to step {step}")
+    return skips
+
+
+def _summarise(pending, schedule) -> dict:
+    totals = jax.device_get([m for _, m in pending])
+    sums = {k: sum(float(m[k]) for m in totals) for k in ("loss", "nll", "correct", "weight")}
+    weight = max(sums["weight"], 1.0)
+    last_step = pending[-1][0]
+    return {
+        "loss": sums["loss"] / weight,
+        "nll": sums["nll"] / weight,
+        "accuracy": sums["correct"] / weight,
+        "grad_norm": float(np.mean([float(m["grad_norm"]) for m in totals])),
+        "learning_rate": float(schedule(last_step - 1)),
+    }
+
+
+def _evaluate(config, model_config, steps, device_state, datasets, writer, step, *, bleu_limit: bool) -> dict:
+    """Validation loss/accuracy/perplexity and, for translation, BLEU (a subset during training)."""
+    params = device_state.params
+    metrics = evaluate_loss(steps.evaluate, params, map(steps.put_batch, datasets.eval_batches()))
+    if config.task == "translation":
+        pairs = datasets.validation_pairs[: config.eval.bleu_examples] if bleu_limit else datasets.validation_pairs
+        quality, _ = translation_quality(
+            steps.get_state(device_state).params, pairs, datasets.tokenizer, model_config=model_config,
+            eval_config=config.eval, batch_multiple=datasets.batch_multiple,
+        )  # fmt: skip
+        metrics |= quality
+    writer.write(step, {k: v for k, v in metrics.items() if isinstance(v, int | float)}, split="eval")
+    log.info("step %d eval: %s", step, {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading a finished (or running) workdir: eval, translate, average
+# ---------------------------------------------------------------------------------------------------------
+
+
+def abstract_checkpoint(config, workdir, *, datasets=None):
+    """``(model_config, abstract checkpoint tree, datasets)`` for restoring from ``workdir``."""
+    datasets = datasets or build_datasets(config, workdir)
+    model_config = config_lib.model_config(config, vocab_size=datasets.vocab_size)
+    tx = _optimizer(config.train, rsqrt_warmup_schedule(model_config.d_model, config.train.warmup_steps))
+    init = functools.partial(init_train_state, model_config=model_config, tx=tx, task=config.task)
+    return model_config, _to_checkpoint(jax.eval_shape(init, jax.random.key(0))), datasets
+
+
+def restore_params(config, workdir):
+    """``(model_config, params, datasets)`` of the newest good checkpoint in ``workdir``."""
+    model_config, target, datasets = abstract_checkpoint(config, workdir)
+    checkpointer = _checkpointer(config, pathlib.Path(workdir), datasets)
+    if checkpointer.latest_step() is None:
+        raise ckpt_lib.CheckpointError(f"no checkpoint in {pathlib.Path(workdir) / 'checkpoints'}: train first")
+    restored = checkpointer.restore(target)
+    checkpointer.close()
+    return model_config, restored.state["params"], datasets
+
+
+def evaluate_checkpoint(config, workdir) -> dict:
+    """Validation loss, accuracy, perplexity and BLEU (or exact match), and test quality, of the newest checkpoint."""
+    model_config, params, datasets = restore_params(config, workdir)
+    evaluate = jax.jit(functools.partial(eval_step, model_config=model_config))
+    results = {"validation": evaluate_loss(evaluate, params, datasets.eval_batches())}
+    if config.task == "translation":
+        for split, pairs in (("validation", datasets.validation_pairs), ("test", datasets.test_pairs)):
+            quality, _ = translation_quality(
+                params, pairs, datasets.tokenizer, model_config=model_config, eval_config=config.eval
+            )
+            results.setdefault(split, {}).update(quality)
+    return results
+
+
+class _StopSignal:
+    """Turns SIGTERM into a request to checkpoint at the next step boundary and stop."""
+
+    def __init__(self):
+        self.requested = False
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = None
+
+    def _handle(self, signum, frame):
+        log.warning("SIGTERM: checkpointing at the next step boundary")
+        self.requested = True
+
+    def restore(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)

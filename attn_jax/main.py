@@ -1,0 +1,63 @@
+"""The ``attn-jax`` command line: ``train``, ``eval``, ``translate`` and ``average``. Intentionally thin.
+
+    attn-jax train --config experiments/ding_en_de.py --workdir runs/ding_en_de [--config.train.steps=100]
+    attn-jax eval --config experiments/ding_en_de.py --workdir runs/ding_en_de
+    attn-jax translate --workdir runs/ding_en_de "Where is the station?"
+    attn-jax average --workdir runs/ding_en_de --last 5
+
+A configuration error prints one line naming the field and exits with status 2, before anything compiles.
+"""
+
+import argparse
+import logging
+import os
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="attn-jax", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (
+        ("train", "train, resuming from the newest checkpoint"),
+        ("eval", "evaluate the newest checkpoint"),
+    ):
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("--config", required=True, help="experiments/NAME.py[:ARG]")
+        sub.add_argument("--workdir", required=True, help="checkpoints, metrics and plots go here")
+    translate = commands.add_parser("translate", help="translate arguments, or stdin lines, with beam search")
+    translate.add_argument("--workdir", required=True)
+    translate.add_argument("text", nargs="*")
+    average = commands.add_parser("average", help="average the parameters of the last K checkpoints")
+    average.add_argument("--workdir", required=True)
+    average.add_argument("--last", type=int, required=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = _parser().parse_known_args(argv)
+    bad = [o for o in overrides if not o.startswith("--config.")]
+    if bad:
+        _parser().error(f"unrecognized arguments: {' '.join(bad)}")
+    if args.command not in ("train", "eval") and overrides:
+        _parser().error(f"{args.command} takes no --config.* overrides")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "jax._src.xla_bridge", "orbax"):  # per-file save chatter and backend probing
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from attn_jax import commands
+    from attn_jax.config import ConfigError
+
+    try:
+        return commands.run(args, overrides)
+    except ConfigError as error:
+        print(f"attn-jax: config error: {error}", file=sys.stderr)
+        return 2
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

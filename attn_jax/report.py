@@ -1,0 +1,64 @@
+"""What a person sees at the end of a run: test BLEU, sample translations, learning curves, attention maps."""
+
+import json
+import logging
+import pathlib
+
+import jax
+import numpy as np
+
+from attn_jax import plots
+from attn_jax.data.tokenizer import encode
+from attn_jax.evaluate import translate_ids, translation_quality
+from attn_jax.transformer import transformer
+
+log = logging.getLogger(__name__)
+
+BOS_ID, EOS_ID = 2, 1
+
+
+def final_report(config, model_config, params, datasets, workdir: pathlib.Path, results: dict) -> dict:
+    """Scores the test split, prints samples, writes ``results.json`` and the PNGs under ``workdir/plots``."""
+    report = {"validation": results}
+    if config.task == "translation" and datasets.test_pairs:
+        test, hypotheses = translation_quality(
+            params, datasets.test_pairs, datasets.tokenizer, model_config=model_config,
+            eval_config=config.eval, batch_multiple=datasets.batch_multiple,
+        )  # fmt: skip
+        report["test"] = test
+        _print_samples(datasets.test_pairs, hypotheses, config.eval.num_samples)
+        for name, value in test.items():
+            print(f"test {name}: {value:.4g} ({len(hypotheses)} sentences; BLEU is sacreBLEU on detokenized text)")
+    report["data"] = datasets.report
+    (workdir / "results.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    plot_dir = workdir / "plots"
+    plots.plot_learning_curves(workdir / "metrics.jsonl", plot_dir / "learning_curves.png")
+    if config.task == "translation":
+        for i, (source, _) in enumerate(datasets.validation_pairs[: config.eval.attention_plots]):
+            _plot_attention(params, model_config, config.eval, datasets.tokenizer, source, plot_dir / f"attention_{i}")
+    log.info("plots written to %s", plot_dir)
+    return report
+
+
+def _print_samples(pairs, hypotheses, count: int) -> None:
+    for (source, reference), hypothesis in list(zip(pairs, hypotheses, strict=True))[:count]:
+        print(f"  source:    {source}\n  reference: {reference}\n  output:    {hypothesis}\n", flush=True)
+
+
+def _plot_attention(params, model_config, eval_config, tokenizer, source: str, out_dir: pathlib.Path) -> None:
+    """Translates one sentence, then plots every layer's attention on (source, translation)."""
+    ids = np.asarray(source) if tokenizer is None else encode(tokenizer, source)
+    src = np.append(ids[: model_config.max_len - 1], EOS_ID).astype(np.int32)
+    (output,) = translate_ids(
+        params, [src], model_config=model_config, beam_size=eval_config.beam_size, alpha=eval_config.alpha,
+        extra_length=eval_config.extra_length, batch_size=1,
+    )  # fmt: skip
+    tgt_in = np.concatenate([[BOS_ID], output]).astype(np.int32)
+    _, weights = jax.jit(transformer, static_argnames=("config", "return_weights"))(
+        params, src[None], tgt_in[None], config=model_config, return_weights=True
+    )
+    weights = {kind: np.asarray(w)[:, 0] for kind, w in weights.items()}  # [L, B, N, T, S] -> [L, N, T, S]
+    pieces = str if tokenizer is None else tokenizer.id_to_piece
+    source_tokens = [pieces(int(i)) for i in src]
+    target_tokens = [pieces(int(i)) for i in tgt_in]
+    plots.plot_attention_layers(weights, source_tokens, target_tokens, out_dir)

@@ -1,0 +1,119 @@
+"""The training state and the pure steps: ``train_step`` and ``eval_step`` (paper §5).
+
+One ``train_step`` serves every parallel mode: sharded ``jit`` (the batch and parameters carry shardings, XLA
+inserts the collectives) and ``pmap`` (pass ``axis_name`` and the gradient and metric sums are ``psum``-ed).
+A step whose loss or gradients are not finite leaves the parameters and optimiser state untouched and reports
+``finite = 0``; the loop then applies the configured policy (raise or skip).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from attn_jax.losses import cross_entropy_sums
+from attn_jax.model_config import TransformerConfig
+from attn_jax.transformer import init_language_model, init_transformer, language_model, transformer
+from attn_jax.types import PRNGKeyArray
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a step changes: ``{step, params, opt_state}``. The optimiser itself stays outside."""
+
+    step: jax.Array
+    params: dict
+    opt_state: optax.OptState
+
+
+def init_train_state(rng: PRNGKeyArray, model_config: TransformerConfig, tx, *, task: str = "translation"):
+    """Fresh parameters (``init_transformer`` or ``init_language_model``) and optimiser state at step 0."""
+    init = init_transformer if task == "translation" else init_language_model
+    params = init(rng, model_config)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def forward(params, batch: dict, *, model_config: TransformerConfig, dropout_rng=None):
+    """Logits ``[B, T, V]`` for a batch: translation when it has ``"inputs"``, language modelling otherwise.
+
+    Batches hold ``"targets_in"`` (decoder inputs: BOS + target) and ``"targets_out"`` (target + EOS),
+    and for translation ``"inputs"`` (source + EOS); ``0`` is padding.
+    """
+    if "inputs" in batch:
+        return transformer(params, batch["inputs"], batch["targets_in"], config=model_config, dropout_rng=dropout_rng)
+    return language_model(params, batch["targets_in"], config=model_config, dropout_rng=dropout_rng)
+
+
+def _loss_sums(params, batch, *, model_config, label_smoothing, dropout_rng):
+    logits = forward(params, batch, model_config=model_config, dropout_rng=dropout_rng)
+    return cross_entropy_sums(
+        logits,
+        batch["targets_out"],
+        label_smoothing=label_smoothing,
+        weights=batch.get("weights"),
+        pad_id=model_config.pad_id,
+    )
+
+
+def _objective(params, **kwargs):
+    """The summed smoothed loss, with every sum as the auxiliary output."""
+    sums = _loss_sums(params, **kwargs)
+    return sums["loss"], sums
+
+
+def train_step(
+    state: TrainState,
+    batch: dict,
+    rng: PRNGKeyArray,
+    *,
+    model_config: TransformerConfig,
+    tx: optax.GradientTransformation,
+    label_smoothing: float = 0.1,
+    axis_name: str | None = None,
+):
+    """One optimiser update on the token-averaged, label-smoothed cross-entropy.
+
+    Args:
+      state: the current ``TrainState``.
+      batch: ``{"inputs"?: [B, S], "targets_in": [B, T], "targets_out": [B, T], "weights"?: [B, T]}``.
+      rng: the run's base PRNG key; this step's dropout key is ``fold_in(rng, step)``.
+      model_config: static model configuration.
+      tx: the Optax optimiser.
+      label_smoothing: the paper's epsilon_ls.
+      axis_name: the ``pmap`` axis to average over, or None under sharded ``jit``.
+
+    Returns:
+      ``(new_state, metrics)`` where metrics are sums over the global batch (``loss``, ``nll``, ``correct``,
+      ``weight``) plus ``grad_norm`` and ``finite`` (1.0 when the update was applied).
+    """
+    dropout_rng = jax.random.fold_in(rng, state.step)
+    if axis_name is not None:
+        dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axis_name))
+    grads, sums = jax.grad(_objective, has_aux=True)(
+        state.params, batch=batch, model_config=model_config, label_smoothing=label_smoothing, dropout_rng=dropout_rng
+    )
+    if axis_name is not None:
+        grads, sums = jax.lax.psum((grads, sums), axis_name)
+    # Gradients of the *sum*, divided by the global token count: every real token weighs the same.
+    denominator = jnp.maximum(sums["weight"], 1.0)
+    grads = jax.tree.map(lambda g: g / denominator, grads)
+    finite = jnp.isfinite(sums["loss"]) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+    new_state = TrainState(
+        step=state.step + 1, params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state)
+    )
+    metrics = sums | {"grad_norm": optax.global_norm(grads), "finite": finite.astype(jnp.float32)}
+    return new_state, metrics
+
+
+def eval_step(params, batch: dict, *, model_config: TransformerConfig, axis_name: str | None = None) -> dict:
+    """Sums of the unsmoothed loss, correct tokens and token count on one batch (no dropout).
+
+    ``loss`` here is the plain negative log-likelihood, so ``exp(loss / weight)`` is the perplexity.
+    """
+    sums = _loss_sums(params, batch, model_config=model_config, label_smoothing=0.0, dropout_rng=None)
+    return jax.lax.psum(sums, axis_name) if axis_name is not None else sums

@@ -1,0 +1,32 @@
+"""The copy task: a small Transformer learns to copy (or reverse) random token sequences.
+
+    attn-jax train --config experiments/copy.py --workdir runs/copy
+    attn-jax train --config experiments/copy.py:reverse --workdir runs/reverse
+
+About 1-2 minutes on 2 CPU cores; held-out exact match reaches 100% (tests require >= 99%).
+A sanity check of the whole path (data, model, loss, schedule, beam search) with no files to fetch.
+"""
+
+from attn_jax import defaults
+from attn_jax.config import parse_arg
+
+
+def get_config(arg=None):
+    args = parse_arg(arg, reverse=False, steps=1200)
+    c = defaults.base_config()
+    c.data = defaults.data_config(name="copy", max_length=16, tokens_per_batch=1024, eval_tokens_per_batch=1024)
+    c.data.copy = defaults.copy_task_config(reverse=args.reverse)
+    c.model = defaults.model_config(
+        d_model=64, num_heads=4, d_ff=256, num_encoder_layers=2, num_decoder_layers=2, max_len=64, dropout_rate=0.0
+    )
+    c.train.steps = args.steps  # enough to copy perfectly
+    c.train.warmup_steps = 100  # short warm-up for a tiny model
+    c.train.learning_rate_scale = 0.5  # peak ~5e-3 at d_model 64
+    c.train.label_smoothing = 0.0  # exact copies need confident predictions
+    c.train.log_every = 50
+    c.train.eval_every = 600
+    c.train.checkpoint_every = 600
+    c.eval.bleu_examples = 256  # copy reports exact match on all held-out sequences
+    c.eval.extra_length = 4  # outputs are as long as inputs
+    c.eval.attention_plots = 1
+    return c
