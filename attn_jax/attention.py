@@ -159,7 +159,7 @@ def _xla_attention(query, key, value, mask, bias, scale, dropout_rate, dropout_r
     weights = jax.nn.softmax(logits, axis=-1)
     if mask is not None:
         # A row with nothing to attend to has a uniform softmax over finfo.min; zero it instead.
-        weights = weights * jnp.any(mask, axis=-1, keepdims=True)
+        weights = jnp.where(jnp.any(mask, axis=-1, keepdims=True), weights, 0.0)
     if dropout_rate > 0.0:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
         weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
@@ -250,7 +250,7 @@ def init_multi_head_attention(
 def project_query(params: AttentionParams, x: Float[Array, "B T D"]) -> Float[Array, "B T N H"]:
     """Q = x W^Q (+ b_q), one slice per head."""
     q = jnp.einsum("BTD,DNH->BTNH", x, params["w_q"].astype(x.dtype))
-    return q + params["b_q"].astype(x.dtype) if "b_q" in params else q
+    return q + params["b_q"].astype(x.dtype)[None, None] if "b_q" in params else q
 
 
 def project_key_value(
@@ -260,15 +260,15 @@ def project_key_value(
     k = jnp.einsum("BSD,DKH->BSKH", x, params["w_k"].astype(x.dtype))
     v = jnp.einsum("BSD,DKH->BSKH", x, params["w_v"].astype(x.dtype))
     if "b_k" in params:
-        k = k + params["b_k"].astype(x.dtype)
-        v = v + params["b_v"].astype(x.dtype)
+        k = k + params["b_k"].astype(x.dtype)[None, None]
+        v = v + params["b_v"].astype(x.dtype)[None, None]
     return k, v
 
 
 def project_output(params: AttentionParams, heads: Float[Array, "B T N H"]) -> Float[Array, "B T D"]:
     """Concat(head_1..head_h) W^O (+ b_o): the concatenation is the contraction over ``N H``."""
     out = jnp.einsum("BTNH,NHD->BTD", heads, params["w_o"].astype(heads.dtype))
-    return out + params["b_o"].astype(heads.dtype) if "b_o" in params else out
+    return out + params["b_o"].astype(heads.dtype)[None, None] if "b_o" in params else out
 
 
 def multi_head_attention(

@@ -55,7 +55,13 @@ def layer_norm(params: LayerNormParams, x: Float[Array, "*B D"], *, epsilon: flo
     mean = jnp.mean(x32, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
     y = (x32 - mean) * jax.lax.rsqrt(var + epsilon)
-    return (y * params["scale"].astype(jnp.float32) + params["bias"].astype(jnp.float32)).astype(x.dtype)
+    scale, bias = (_lift(params[name].astype(jnp.float32), x.ndim) for name in ("scale", "bias"))
+    return (y * scale + bias).astype(x.dtype)
+
+
+def _lift(v, ndim: int):
+    """``[D] -> [1, ..., 1, D]``: explicit broadcasting (tests run with implicit rank promotion off)."""
+    return v.reshape((1,) * (ndim - v.ndim) + v.shape)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -91,9 +97,9 @@ def position_wise_ffn(params: FeedForwardParams, x: Float[Array, "B T D"]) -> Fl
       [[[6.5], [8.5]]]
     """
     dtype = x.dtype
-    hidden = jnp.einsum("BTD,DF->BTF", x, params["w_1"].astype(dtype)) + params["b_1"].astype(dtype)
+    hidden = jnp.einsum("BTD,DF->BTF", x, params["w_1"].astype(dtype)) + _lift(params["b_1"].astype(dtype), 3)
     hidden = jax.nn.relu(hidden)
-    return jnp.einsum("BTF,FD->BTD", hidden, params["w_2"].astype(dtype)) + params["b_2"].astype(dtype)
+    return jnp.einsum("BTF,FD->BTD", hidden, params["w_2"].astype(dtype)) + _lift(params["b_2"].astype(dtype), 3)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -21,8 +21,8 @@ import numpy as np
 
 from attn_jax import checkpoint as ckpt_lib
 from attn_jax import config as config_lib
-from attn_jax.data.datasets import build_datasets
 from attn_jax import parallel
+from attn_jax.data.datasets import build_datasets
 from attn_jax.evaluate import evaluate_loss, translation_quality
 from attn_jax.metrics import MetricsWriter, ProgressBar
 from attn_jax.optim import make_optimizer, rsqrt_warmup_schedule
@@ -60,6 +60,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if chief:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
         log.info("model: %s", model_config)
+        log.info("data: %s", _data_summary(datasets.report))
     schedule = rsqrt_warmup_schedule(
         model_config.d_model, config.train.warmup_steps, scale=config.train.learning_rate_scale
     )
@@ -69,16 +70,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     checkpointer = _checkpointer(config, workdir, datasets)
 
     # ---------------------------------------------------------------- state: restore or initialise
-    rng = jax.random.key(config.seed)
-    init_rng, dropout_rng = jax.random.split(rng)
-    state = _restore_or_init(config, model_config, tx, mesh, checkpointer, datasets, init_rng)
+    init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
+    state, dropout_rng = _restore_or_init(config, model_config, tx, mesh, checkpointer, datasets, init_rng, dropout_rng)
     start_step = int(jax.device_get(state.step))
     device_state = steps.put_state(state)
     metadata = ckpt_lib.environment_metadata() | {"data_fingerprint": datasets.fingerprint}
 
     def save(step, metrics=None, force=False):
         checkpointer.save(
-            step, _to_checkpoint(steps.get_state(device_state)), data_state=datasets.train.get_state(),
+            step, _to_checkpoint(steps.get_state(device_state), dropout_rng), data_state=datasets.train.get_state(),
             config=json.loads(config.to_json_best_effort()), metadata=metadata, metrics=metrics, force=force,
         )  # fmt: skip
 
@@ -120,7 +120,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # ---------------------------------------------------------------- final evaluation
     if stop.requested or step < total:
         log.warning("stopped early at step %d (%s)", step, "signal" if stop.requested else "time budget")
-    results = _evaluate(config, model_config, steps, device_state, datasets, writer, step, bleu_limit=False)
+    # The test split is scored in full by the final report; validation BLEU stays on its usual subset.
+    results = _evaluate(config, model_config, steps, device_state, datasets, writer, step, bleu_limit=True)
     if chief:
         final_report(config, model_config, steps.get_state(device_state).params, datasets, workdir, results)
     writer.close()
@@ -202,26 +203,38 @@ def _first_metrics(result):
     return state, jax.tree.map(lambda x: x[0], metrics)  # psum-ed already: every replica holds the total
 
 
-def _restore_or_init(config, model_config, tx, mesh, checkpointer, datasets, init_rng) -> TrainState:
+def _restore_or_init(config, model_config, tx, mesh, checkpointer, datasets, init_rng, dropout_rng):
+    """``(state, dropout_rng)``: restored from the newest good checkpoint, else freshly initialised, sharded."""
     init = functools.partial(init_train_state, model_config=model_config, tx=tx, task=config.task)
     abstract = jax.eval_shape(init, init_rng)
     shardings = parallel.state_shardings(abstract, mesh, tx)
     if checkpointer.latest_step() is None:
-        return jax.jit(init, out_shardings=shardings)(init_rng)
+        return jax.jit(init, out_shardings=shardings)(init_rng), dropout_rng
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    restored = checkpointer.restore(_to_checkpoint(target))
+    restored = checkpointer.restore(_to_checkpoint(target, jax.eval_shape(lambda: dropout_rng)))
     if restored.data_state:
         datasets.train.set_state(restored.data_state)
     log.info("resumed from step %d", restored.step)
-    return _from_checkpoint(restored.state)
+    tree = restored.state
+    state = TrainState(step=jnp.asarray(tree["step"]), params=tree["params"], opt_state=tree["opt_state"])
+    return state, jax.random.wrap_key_data(jnp.asarray(tree["rng"]))
 
 
-def _to_checkpoint(state: TrainState) -> dict:
-    return {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+def _to_checkpoint(state: TrainState, rng) -> dict:
+    """The saved tree: the state plus the dropout key's raw data (typed keys do not serialise)."""
+    rng_data = (
+        jax.ShapeDtypeStruct((2,), jnp.uint32) if isinstance(rng, jax.ShapeDtypeStruct) else jax.random.key_data(rng)
+    )
+    return {"step": state.step, "params": state.params, "opt_state": state.opt_state, "rng": rng_data}
 
 
-def _from_checkpoint(tree: dict) -> TrainState:
-    return TrainState(step=jnp.asarray(tree["step"]), params=tree["params"], opt_state=tree["opt_state"])
+def _data_summary(report: dict) -> str:
+    train = report["train"]
+    return (
+        f"{train['num_examples']} training pairs: {train['dropped_too_long']} dropped as too long, "
+        f"{train['truncated']} truncated, {train['dropped_empty']} empty; {train['batches_per_epoch']} batches "
+        f"per epoch in shapes {sorted(set(map(tuple, train['batch_shapes'])))}"
+    )
 
 
 def _check_finite(pending, train_config, skips: int) -> int:
@@ -283,7 +296,8 @@ def abstract_checkpoint(config, workdir, *, datasets=None):
     model_config = config_lib.model_config(config, vocab_size=datasets.vocab_size)
     tx = _optimizer(config.train, rsqrt_warmup_schedule(model_config.d_model, config.train.warmup_steps))
     init = functools.partial(init_train_state, model_config=model_config, tx=tx, task=config.task)
-    return model_config, _to_checkpoint(jax.eval_shape(init, jax.random.key(0))), datasets
+    abstract = jax.eval_shape(init, jax.random.key(0))
+    return model_config, _to_checkpoint(abstract, jax.eval_shape(lambda: jax.random.key(0))), datasets
 
 
 def restore_params(config, workdir):

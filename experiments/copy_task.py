@@ -1,7 +1,7 @@
 """The copy task: a small Transformer learns to copy (or reverse) random token sequences.
 
-    attn-jax train --config experiments/copy.py --workdir runs/copy
-    attn-jax train --config experiments/copy.py:reverse --workdir runs/reverse
+    attn-jax train --config experiments/copy_task.py --workdir runs/copy
+    attn-jax train --config experiments/copy_task.py:reverse --workdir runs/reverse
 
 About 1-2 minutes on 2 CPU cores; held-out exact match reaches 100% (tests require >= 99%).
 A sanity check of the whole path (data, model, loss, schedule, beam search) with no files to fetch.
