@@ -237,9 +237,9 @@ def run_stack(block, stack_layers, x, per_layer, *, config: TransformerConfig):
     """
     if config.remat:
         block = jax.checkpoint(block)
-    if config.scan_layers:
-        return jax.lax.scan(lambda h, inputs: block(inputs[0], h, inputs[1]), x, (stack_layers, per_layer))
     num_layers = jax.tree.leaves(stack_layers)[0].shape[0]
+    if config.scan_layers or num_layers == 0:  # a scan of length 0 still yields [0, ...] outputs
+        return jax.lax.scan(lambda h, inputs: block(inputs[0], h, inputs[1]), x, (stack_layers, per_layer))
     outputs = []
     for i in range(num_layers):
         layer_params, layer_inputs = jax.tree.map(lambda a, i=i: a[i], (stack_layers, per_layer))

@@ -59,9 +59,12 @@ def _final_norm(stack, x, config: TransformerConfig):
     return layers.layer_norm(stack["norm"], x, epsilon=config.layer_norm_epsilon) if config.norm_first else x
 
 
+# A decoder-only model has one vocabulary table, whatever share_embeddings says.
+_LM_TABLE = "embedding"
+
+
 def _table(kind: str, config: TransformerConfig) -> str:
-    if kind == "output":
-        return _table("target", config) if config.tie_output_embedding else "output_embedding"
+    """The parameter key of the ``"source"`` or ``"target"`` embedding of the encoder-decoder model."""
     return "embedding" if config.share_embeddings else f"{kind}_embedding"
 
 
@@ -85,18 +88,32 @@ def encode(
     Returns:
       memory ``[B, S, D]`` (and the weights with ``return_weights``).
     """
-    r_embed, r_layers = split_rngs(dropout_rng, 2)
-    stack = params["encoder"]
-    x = _embed(params, src_tokens, _table("source", config), stack, config=config, rng=r_embed)
     mask = padding_mask(src_tokens, src_tokens, config.pad_id)
+    memory, weights = _self_attention_stack(
+        params, "encoder", src_tokens, _table("source", config), mask, config=config, rng=dropout_rng,
+        return_weights=return_weights,
+    )  # fmt: skip
+    return (memory, weights) if return_weights else memory
 
-    def block(p, h, rng):
-        h, (weights, _) = apply_encoder_block(p, h, mask=mask, config=config, rng=rng, return_weights=return_weights)
+
+def _self_attention_stack(params, stack_name: str, tokens, table: str, mask, *, config, rng, return_weights):
+    """Embedding, then encoder-style blocks (self-attention + FFN) under ``mask``, then the final norm.
+
+    The encoder runs it with a padding mask, the decoder-only language model with a causal one.
+    """
+    r_embed, r_layers = split_rngs(rng, 2)
+    stack = params[stack_name]
+    x = _embed(params, tokens, table, stack, config=config, rng=r_embed)
+
+    def block(p, h, layer_rng):
+        h, (weights, _) = apply_encoder_block(
+            p, h, mask=mask, config=config, rng=layer_rng, return_weights=return_weights
+        )
         return h, weights
 
-    x, weights = run_stack(block, stack["layers"], x, layer_rngs(r_layers, config.num_encoder_layers), config=config)
-    memory = _final_norm(stack, x, config)
-    return (memory, weights) if return_weights else memory
+    num_layers = jax.tree.leaves(stack["layers"])[0].shape[0]
+    x, weights = run_stack(block, stack["layers"], x, layer_rngs(r_layers, num_layers), config=config)
+    return _final_norm(stack, x, config), weights
 
 
 def decode(
@@ -139,12 +156,14 @@ def decode(
         return h, {"self": self_w, "cross": cross_w}
 
     y, weights = run_stack(block, stack["layers"], y, layer_rngs(r_layers, config.num_decoder_layers), config=config)
-    logits = _logits(params, _final_norm(stack, y, config), config)
+    logits = _logits(params, _final_norm(stack, y, config), config, _table("target", config))
     return (logits, weights) if return_weights else logits
 
 
-def _logits(params, y, config: TransformerConfig):
-    return layers.shared_logits(params[_table("output", config)], y).astype(jnp.float32)
+def _logits(params, y, config: TransformerConfig, input_table: str):
+    """Pre-softmax projection through the input embedding (tied, §3.4) or a separate output table."""
+    table = input_table if config.tie_output_embedding else "output_embedding"
+    return layers.shared_logits(params[table], y).astype(jnp.float32)
 
 
 def transformer(
@@ -176,7 +195,7 @@ def transformer(
       >>> transformer(params, jnp.ones((2, 5), jnp.int32), jnp.ones((2, 3), jnp.int32), config=cfg).shape
       (2, 3, 11)
     """
-    _check_vocab(params, config)
+    _check_vocab(params, config, _table("target", config))
     r_enc, r_dec = split_rngs(dropout_rng, 2)
     encoded = encode(params, src_tokens, config=config, dropout_rng=r_enc, return_weights=return_weights)
     memory = encoded[0] if return_weights else encoded
@@ -195,8 +214,8 @@ def transformer(
     return logits, {"encoder": encoded[1], "decoder": dec_w["self"], "cross": dec_w["cross"]}
 
 
-def _check_vocab(params, config: TransformerConfig):
-    table = params[_table("target", config)]["embedding"]
+def _check_vocab(params, config: TransformerConfig, table_name: str):
+    table = params[table_name]["embedding"]
     if table.shape != (config.vocab_size, config.d_model):
         raise ConfigError(
             f"TransformerConfig.vocab_size/d_model: params have an embedding of shape {table.shape}, "
@@ -229,18 +248,12 @@ def language_model(
     Returns:
       logits ``[B, T, V]`` predicting token ``t + 1`` at position ``t`` (and the weights).
     """
-    _check_vocab(params, config)
-    r_embed, r_layers = split_rngs(dropout_rng, 2)
-    stack = params["decoder"]
-    x = _embed(params, tokens, "embedding", stack, config=config, rng=r_embed)
+    _check_vocab(params, config, _LM_TABLE)
     mask = combine_masks(padding_mask(tokens, tokens, config.pad_id), causal_mask(tokens.shape[1]))
-
-    def block(p, h, rng):
-        h, (weights, _) = apply_encoder_block(p, h, mask=mask, config=config, rng=rng, return_weights=return_weights)
-        return h, weights
-
-    x, weights = run_stack(block, stack["layers"], x, layer_rngs(r_layers, config.num_decoder_layers), config=config)
-    logits = _logits(params, _final_norm(stack, x, config), config)
+    x, weights = _self_attention_stack(
+        params, "decoder", tokens, _LM_TABLE, mask, config=config, rng=dropout_rng, return_weights=return_weights
+    )
+    logits = _logits(params, x, config, _LM_TABLE)
     return (logits, weights) if return_weights else logits
 
 
@@ -297,7 +310,8 @@ def decode_step(params, cache: dict, tokens: Int[Array, "B T"], *, config: Trans
     """Feeds the next ``T`` target tokens (usually one) through the decoder, reusing the cached prefix.
 
     The logits equal ``decode``'s at the same positions; each new token costs one layer pass, not a re-run
-    of the prefix.
+    of the prefix. The caller keeps ``index + T <= max_len``: under ``jit`` the index is a traced value, so a
+    write past the end cannot raise, and ``dynamic_update_slice`` would clamp it onto the last slots.
 
     Args:
       params: from ``init_transformer``.
@@ -324,7 +338,7 @@ def decode_step(params, cache: dict, tokens: Int[Array, "B T"], *, config: Trans
 
     per_layer = {"self": cache["self"], "cross": cache["cross"]}
     y, self_cache = run_stack(block, stack["layers"], y, per_layer, config=config)
-    logits = _logits(params, _final_norm(stack, y, config), config)
+    logits = _logits(params, _final_norm(stack, y, config), config, _table("target", config))
     return logits, cache | {"self": self_cache, "index": index + tokens.shape[1]}
 
 
@@ -340,7 +354,7 @@ def language_model_step(params, cache: dict, tokens: Int[Array, "B T"], *, confi
     """``language_model`` for the next ``T`` tokens given the cached prefix: ``(logits [B, T, V], cache)``."""
     index, max_len = cache["index"], cache["self"]["k"].shape[2]
     stack = params["decoder"]
-    x = _embed(params, tokens, "embedding", stack, config=config, rng=None, offset=index)
+    x = _embed(params, tokens, _LM_TABLE, stack, config=config, rng=None, offset=index)
     mask = _cached_self_mask(index, tokens.shape[1], max_len)
 
     def block(p, h, layer_cache):
@@ -350,7 +364,7 @@ def language_model_step(params, cache: dict, tokens: Int[Array, "B T"], *, confi
         return h, new_cache
 
     x, self_cache = run_stack(block, stack["layers"], x, cache["self"], config=config)
-    logits = _logits(params, _final_norm(stack, x, config), config)
+    logits = _logits(params, _final_norm(stack, x, config), config, _LM_TABLE)
     return logits, {"self": self_cache, "index": index + tokens.shape[1]}
 
 
@@ -396,7 +410,7 @@ def init_transformer(rng: PRNGKeyArray, config: TransformerConfig) -> dict:
 def init_language_model(rng: PRNGKeyArray, config: TransformerConfig) -> dict:
     """Parameters of ``language_model``: ``{"embedding", ["output_embedding"], "decoder": {...}}``."""
     r_emb, r_dec = jax.random.split(rng)
-    names = ["embedding"] + ([] if config.tie_output_embedding else ["output_embedding"])
+    names = [_LM_TABLE] + ([] if config.tie_output_embedding else ["output_embedding"])
     return _init_embeddings(r_emb, names, config) | {
         "decoder": _init_stack(r_dec, init_encoder_block, config.num_decoder_layers, config)
     }
