@@ -76,7 +76,10 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides) -> None:
         if not sep:
             raise ConfigError(f"override {item!r} must look like --config.a.b=VALUE")
         parent, name = _resolve(config, key)
-        parent[name] = _parse_value(text, parent[name], f"config.{key}")
+        try:
+            parent[name] = _parse_value(text, parent[name], f"config.{key}")
+        except TypeError as error:  # a typed placeholder (None in the file) given a value of another type
+            raise ConfigError(f"config.{key}: {error}") from None
 
 
 def _resolve(config: ml_collections.ConfigDict, dotted: str):

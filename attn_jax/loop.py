@@ -13,6 +13,7 @@ import logging
 import pathlib
 import signal
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -40,11 +41,11 @@ class NonFiniteError(FloatingPointError):
 class _Steps:
     """The compiled steps for one parallel strategy and how to move state and batches onto the devices."""
 
-    train: callable
-    evaluate: callable
-    put_batch: callable
-    put_state: callable
-    get_state: callable  # device state -> state with global arrays (for checkpoints and decoding)
+    train: Callable
+    evaluate: Callable
+    put_batch: Callable
+    put_state: Callable
+    get_state: Callable  # device state -> state with global arrays (for checkpoints and decoding)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -44,6 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("absl", "jax._src.xla_bridge", "orbax"):  # per-file save chatter and backend probing
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import jax
+
+    # Compiling a training step takes minutes on a small CPU: keep compiled programs across runs and resumes.
+    cache = os.environ.get("ATTN_JAX_COMPILATION_CACHE", os.path.expanduser("~/.cache/attn_jax/xla"))
+    if cache:
+        jax.config.update("jax_compilation_cache_dir", cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     from attn_jax import commands
     from attn_jax.config import ConfigError
 

@@ -7,6 +7,7 @@ A step whose loss or gradients are not finite leaves the parameters and optimise
 """
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,9 +24,10 @@ from attn_jax.types import PRNGKeyArray
 class TrainState:
     """Everything a step changes: ``{step, params, opt_state}``. The optimiser itself stays outside."""
 
-    step: jax.Array
-    params: dict
-    opt_state: optax.OptState
+    # Any: the same class also holds jax.eval_shape's ShapeDtypeStructs and the shardings derived from them.
+    step: Any
+    params: Any
+    opt_state: Any
 
 
 def init_train_state(rng: PRNGKeyArray, model_config: TransformerConfig, tx, *, task: str = "translation"):

@@ -14,7 +14,7 @@ from attn_jax.config import parse_arg
 
 
 def get_config(arg=None):
-    args = parse_arg(arg, phrases=False, minutes=18.0)
+    args = parse_arg(arg, phrases=False, minutes=16.0)
     c = defaults.base_config()
     c.data = defaults.data_config(
         name="ding_en_de", phrases=args.phrases, vocab_size=8000, max_length=48, tokens_per_batch=3072,

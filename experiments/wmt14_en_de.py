@@ -13,13 +13,13 @@ The data comes from TFDS's wmt14_translate/de-en builder (downloads ~1.5 GB on f
 """
 
 from attn_jax import defaults
-from attn_jax.config import parse_arg
+from attn_jax.config import ConfigError, parse_arg
 
 
 def get_config(arg=None):
     args = parse_arg(arg, size="base", runlocal=False)
     if args.size not in ("base", "big"):
-        raise ValueError(f"size must be 'base' or 'big', got {args.size!r}")
+        raise ConfigError(f"experiment argument size must be 'base' or 'big', got {args.size!r}")
     big = args.size == "big"
     c = defaults.base_config()
     c.data = defaults.data_config(

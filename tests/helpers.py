@@ -9,7 +9,7 @@ def assert_trees_allclose(actual, expected, *, rtol=1e-5, atol=1e-6):
     actual_leaves, actual_def = jax.tree.flatten(actual)
     expected_leaves, expected_def = jax.tree.flatten(expected)
     assert actual_def == expected_def, f"tree structures differ:\n{actual_def}\n{expected_def}"
-    for path_and_a, e in zip(jax.tree_util.tree_leaves_with_path(actual), expected_leaves):
+    for path_and_a, e in zip(jax.tree_util.tree_leaves_with_path(actual), expected_leaves, strict=True):
         path, a = path_and_a
         np.testing.assert_allclose(
             np.asarray(a), np.asarray(e), rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path)

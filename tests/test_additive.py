@@ -7,7 +7,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import jaxtyping
 import numpy as np
 import pytest
 
@@ -21,15 +20,6 @@ from attn_jax.additive import (
 B, T, S, DQ, DK, DV, A = 2, 5, 7, 3, 11, 13, 17
 RTOL, ATOL = 1e-5, 1e-6
 LN3 = math.log(3.0)
-
-
-@pytest.fixture
-def without_runtime_typechecks():
-    """Turns off the jaxtyping hook, so a test sees the checks a user sees outside pytest."""
-    previous = jaxtyping.config.jaxtyping_disable
-    jaxtyping.config.update("jaxtyping_disable", True)
-    yield
-    jaxtyping.config.update("jaxtyping_disable", previous)
 
 
 def reference_additive(params, query, keys, values, mask=None):

@@ -23,7 +23,6 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import jaxtyping
 import numpy as np
 import pytest
 
@@ -39,15 +38,6 @@ from tests.helpers import assert_trees_allclose
 B, T, S, N, H, D = 2, 5, 7, 3, 11, 13
 RTOL, ATOL = 1e-5, 1e-6
 LN3 = math.log(3.0)
-
-
-@pytest.fixture
-def without_runtime_typechecks():
-    """Turns off the jaxtyping hook, so a test sees the checks a user sees outside pytest."""
-    previous = jaxtyping.config.jaxtyping_disable
-    jaxtyping.config.update("jaxtyping_disable", True)
-    yield
-    jaxtyping.config.update("jaxtyping_disable", previous)
 
 
 # ---------------------------------------------------------------------------------------------------------

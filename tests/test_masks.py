@@ -1,21 +1,10 @@
 """Tests for attn_jax.masks against hand-built NumPy masks (True = may attend)."""
 
 import jax.numpy as jnp
-import jaxtyping
 import numpy as np
 import pytest
 
 from attn_jax.masks import causal_mask, combine_masks, padding_mask
-
-
-@pytest.fixture
-def without_runtime_typechecks():
-    """Turns off the jaxtyping hook, so a test sees the checks a user sees outside pytest."""
-    previous = jaxtyping.config.jaxtyping_disable
-    jaxtyping.config.update("jaxtyping_disable", True)
-    yield
-    jaxtyping.config.update("jaxtyping_disable", previous)
-
 
 # ---------------------------------------------------------------------------------------------------------
 # padding_mask

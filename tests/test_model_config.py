@@ -10,21 +10,11 @@ import math
 
 import jax
 import jax.numpy as jnp
-import jaxtyping
 import pytest
 
 from attn_jax import ConfigError, TransformerConfig
 
 TINY = {"vocab_size": 19, "d_model": 13, "num_heads": 3, "head_dim": 11, "d_ff": 17}
-
-
-@pytest.fixture
-def without_runtime_typechecks():
-    """Turns off the jaxtyping hook, so a test sees the checks a user sees outside pytest."""
-    previous = jaxtyping.config.jaxtyping_disable
-    jaxtyping.config.update("jaxtyping_disable", True)
-    yield
-    jaxtyping.config.update("jaxtyping_disable", previous)
 
 
 def _make(**overrides):
