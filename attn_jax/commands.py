@@ -55,4 +55,5 @@ def translate(workdir: str, sentences: list[str]) -> list[str]:
 
 def _average_target(workdir: str):
     config = saved_config(workdir)
-    return pathlib.Path(workdir) / "checkpoints", loop.abstract_checkpoint(config, workdir)
+    _, target, _ = loop.abstract_checkpoint(config, workdir)
+    return pathlib.Path(workdir) / "checkpoints", target

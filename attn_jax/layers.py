@@ -166,8 +166,8 @@ def sinusoidal_positions(length: int, d_model: int, *, offset: int | Int[Array, 
 
     Example:
       >>> import numpy as np
-      >>> np.asarray(sinusoidal_positions(2, 4), np.float64).round(4).tolist()
-      [[0.0, 1.0, 0.0, 1.0], [0.8415, 0.5403, 0.01, 1.0]]
+      >>> np.asarray(sinusoidal_positions(2, 4), np.float64).round(3).tolist()
+      [[0.0, 1.0, 0.0, 1.0], [0.841, 0.54, 0.01, 1.0]]
     """
     positions = jnp.arange(length, dtype=jnp.float32) + jnp.asarray(offset, jnp.float32)
     two_i = jnp.arange(0, d_model, 2, dtype=jnp.float32)
