@@ -19,7 +19,7 @@ install: $(STAMP)
 
 # The whole suite on 8 simulated CPU devices (multi-device tests need them), two workers.
 test: $(STAMP)
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -n 2 -q attn_jax tests
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -n 2 -q -rfE --durations=15 attn_jax tests
 
 test-fast: $(STAMP)
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -n 2 -q -m "not slow" attn_jax tests

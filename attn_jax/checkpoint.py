@@ -299,7 +299,7 @@ class Checkpointer:
         _check_shapes(getattr(saved, "tree", saved), target, where=f"step {step} in {self.directory}")
         json_args = {name: ocp.args.JsonRestore() for name in _JSON_ITEMS}
         items = self._manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), **json_args)
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_placed(target)), **json_args)
         )
         return Restored(step=step, state=items["state"], **{name: items[name] for name in _JSON_ITEMS})
 
@@ -311,6 +311,22 @@ class Checkpointer:
                 logger.warning("deleting unreadable checkpoint step %d in %s before re-saving", step, self.directory)
                 self._manager.delete(step)
                 self._corrupt_steps.discard(step)
+
+
+def _placed(target: PyTree) -> PyTree:
+    """``target`` with every abstract leaf that names no sharding placed on the first local device.
+
+    Without a sharding Orbax re-creates the saving run's device layout, which fails ("topology mismatch") when a
+    checkpoint written on 8 devices is read on 1.
+    """
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def place(leaf):
+        if isinstance(leaf, jax.ShapeDtypeStruct) and leaf.sharding is None:
+            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device)
+        return leaf
+
+    return jax.tree.map(place, target)
 
 
 def average_checkpoints(directory, target: PyTree, *, last: int) -> tuple[PyTree, list[int]]:

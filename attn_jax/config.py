@@ -88,9 +88,12 @@ def _resolve(config: ml_collections.ConfigDict, dotted: str):
     parent, node = config, config
     for part in dotted.split("."):
         if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-            siblings = [".".join(walked + [k]) for k in node] if isinstance(node, ml_collections.ConfigDict) else []
             key = ".".join(walked + [part])
-            raise ConfigError(f"unknown config key config.{key}{_suggest(key, siblings or flatten(config), 'config.')}")
+            if isinstance(node, ml_collections.ConfigDict):  # compare leaf names, so a shared prefix is no match
+                hint = _suggest(part, list(node), "config." + "".join(f"{w}." for w in walked))
+            else:
+                hint = _suggest(key, flatten(config), "config.")
+            raise ConfigError(f"unknown config key config.{key}{hint}")
         walked.append(part)
         parent, node = node, node[part]
     return parent, walked[-1]

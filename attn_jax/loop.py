@@ -69,12 +69,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     steps = _compile_steps(config, model_config, tx, mesh)
     writer = MetricsWriter(workdir)
     checkpointer = _checkpointer(config, workdir, datasets)
+    stop = _StopSignal()
+    try:  # a run that dies still closes its metrics and lets pending checkpoint saves commit
+        init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
+        state, dropout_rng = _restore_or_init(
+            config, model_config, tx, mesh, checkpointer, datasets, init_rng, dropout_rng
+        )
+        device_state, step = _train(
+            config, model_config, steps, steps.put_state(state), dropout_rng, datasets, schedule, writer,
+            checkpointer, stop,
+        )  # fmt: skip
+        if stop.requested or step < config.train.steps:
+            log.warning("stopped early at step %d (%s)", step, "signal" if stop.requested else "time budget")
+        # The test split is scored in full by the final report; validation BLEU stays on its usual subset.
+        results = _evaluate(config, model_config, steps, device_state, datasets, writer, step, bleu_limit=True)
+        if chief:
+            final_report(config, model_config, steps.get_state(device_state).params, datasets, workdir, results)
+        return results
+    finally:
+        writer.close()
+        checkpointer.close()
+        stop.restore()
 
-    # ---------------------------------------------------------------- state: restore or initialise
-    init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
-    state, dropout_rng = _restore_or_init(config, model_config, tx, mesh, checkpointer, datasets, init_rng, dropout_rng)
-    start_step = int(jax.device_get(state.step))
-    device_state = steps.put_state(state)
+
+def _train(config, model_config, steps, device_state, dropout_rng, datasets, schedule, writer, checkpointer, stop):
+    """Steps until ``config.train.steps``, a signal or the time budget; returns ``(device_state, step)``."""
+    step = int(jax.device_get(steps.get_state(device_state).step))
     metadata = ckpt_lib.environment_metadata() | {"data_fingerprint": datasets.fingerprint}
 
     def save(step, metrics=None, force=False):
@@ -83,15 +103,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             config=json.loads(config.to_json_best_effort()), metadata=metadata, metrics=metrics, force=force,
         )  # fmt: skip
 
-    # ---------------------------------------------------------------- loop
     total = config.train.steps
-    stop = _StopSignal()
-    bar = ProgressBar(total, initial_step=start_step, enabled=chief)
+    bar = ProgressBar(total, initial_step=step, enabled=jax.process_index() == 0)
     pending: list[tuple[int, dict]] = []
     tokens_since, time_since = 0, time.perf_counter()
-    deadline = time.monotonic() + 60 * config.train.time_budget_minutes if config.train.time_budget_minutes else None
+    budget = config.train.time_budget_minutes
+    deadline = time.monotonic() + 60 * budget if budget else None
     skips = 0
-    step = start_step
     while step < total:
         batch = next(datasets.train)
         device_state, metrics = steps.train(device_state, steps.put_batch(batch), dropout_rng)
@@ -102,8 +120,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if step % config.train.log_every == 0 or last:
             skips = _check_finite(pending, config.train, skips)
             train_metrics = _summarise(pending, schedule)
-            elapsed = time.perf_counter() - time_since
-            train_metrics["tokens_per_second"] = tokens_since / max(elapsed, 1e-9)
+            train_metrics["tokens_per_second"] = tokens_since / max(time.perf_counter() - time_since, 1e-9)
             writer.write(step, train_metrics, split="train")
             bar.update(step, loss=train_metrics["loss"], learning_rate=train_metrics["learning_rate"],
                        tokens_per_second=train_metrics["tokens_per_second"])  # fmt: skip
@@ -117,18 +134,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             break
     bar.close()
     checkpointer.wait()
-
-    # ---------------------------------------------------------------- final evaluation
-    if stop.requested or step < total:
-        log.warning("stopped early at step %d (%s)", step, "signal" if stop.requested else "time budget")
-    # The test split is scored in full by the final report; validation BLEU stays on its usual subset.
-    results = _evaluate(config, model_config, steps, device_state, datasets, writer, step, bleu_limit=True)
-    if chief:
-        final_report(config, model_config, steps.get_state(device_state).params, datasets, workdir, results)
-    writer.close()
-    checkpointer.close()
-    stop.restore()
-    return results
+    return device_state, step
 
 
 def _checkpointer(config, workdir: pathlib.Path, datasets) -> ckpt_lib.Checkpointer:
@@ -218,7 +224,8 @@ def _restore_or_init(config, model_config, tx, mesh, checkpointer, datasets, ini
     log.info("resumed from step %d", restored.step)
     tree = restored.state
     state = TrainState(step=jnp.asarray(tree["step"]), params=tree["params"], opt_state=tree["opt_state"])
-    return state, jax.random.wrap_key_data(jnp.asarray(tree["rng"]))
+    # Through the host: a key committed to one device would clash with the state's devices under jit.
+    return state, jax.random.wrap_key_data(np.asarray(tree["rng"]))
 
 
 def _to_checkpoint(state: TrainState, rng) -> dict:

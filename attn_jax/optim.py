@@ -5,6 +5,7 @@
 built from Optax pieces only. Gradient clipping and accumulation are options the paper does not use.
 """
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -46,7 +47,7 @@ def make_optimizer(
     grad_clip_norm: float | None = None,
     weight_decay: float = 0.0,
     accumulation_steps: int = 1,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     """Adam with the paper's constants, optionally clipped, decoupled-weight-decayed and accumulated.
 
     Args:
@@ -77,5 +78,20 @@ def make_optimizer(
         steps.append(optax.adam(learning_rate, b1=b1, b2=b2, eps=eps))
     tx = optax.chain(*steps) if len(steps) > 1 else steps[0]
     if accumulation_steps > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=accumulation_steps)
-    return tx
+        tx = optax.MultiSteps(tx, every_k_schedule=accumulation_steps).gradient_transformation()
+    return _under_standard_promotion(tx)
+
+
+def _under_standard_promotion(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+    """``tx`` with its update traced under standard dtype promotion.
+
+    Optax raises a float to its int32 step count (Adam's bias correction), which a caller running with
+    ``jax_numpy_dtype_promotion="strict"`` would otherwise see as a TypePromotionError from deep inside Optax.
+    """
+    tx = optax.with_extra_args_support(tx)
+
+    def update(updates, state, params=None, **extra_args):
+        with jax.numpy_dtype_promotion("standard"):
+            return tx.update(updates, state, params, **extra_args)
+
+    return optax.GradientTransformationExtraArgs(tx.init, update)

@@ -108,7 +108,7 @@ def train_step(
     new_state = TrainState(
         step=state.step + 1, params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state)
     )
-    metrics = sums | {"grad_norm": optax.global_norm(grads), "finite": finite.astype(jnp.float32)}
+    metrics = sums | {"grad_norm": optax.tree.norm(grads), "finite": finite.astype(jnp.float32)}
     return new_state, metrics
 
 

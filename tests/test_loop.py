@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import traceback
+import warnings
 
 import jax
 import pytest
@@ -52,18 +53,21 @@ def _loop():
 
 
 def _train(spec: str, workdir, *overrides: str) -> dict:
-    """``train_and_evaluate``; if it raises, fails this test after releasing what the run left open.
+    """``train_and_evaluate``; if it raises, fails this test with the error and any files the run left open.
 
-    A run that dies leaves its metrics file open; collected later, its ResourceWarning (an error under this
-    project's settings) would be blamed on whichever test happens to run the garbage collector.
+    (A run that dies leaves its metrics file open; its ResourceWarning, an error under this project's settings,
+    would otherwise surface in whichever later test happens to run the garbage collector.)
     """
-    try:
-        with jax.numpy_dtype_promotion("standard"):
-            return _loop().train_and_evaluate(load_experiment(spec, list(overrides)), str(workdir))
-    except Exception:  # reported below, with its traceback
-        message = traceback.format_exc(limit=-8)
-    gc.collect()
-    pytest.fail(f"train_and_evaluate raised:\n{message}", pytrace=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        try:
+            with jax.numpy_dtype_promotion("standard"):
+                return _loop().train_and_evaluate(load_experiment(spec, list(overrides)), str(workdir))
+        except Exception:  # reported below, with its traceback
+            message = traceback.format_exc(limit=-8)
+        gc.collect()
+    leaks = "".join(f"\n  left open: {w.message}" for w in caught if issubclass(w.category, ResourceWarning))
+    pytest.fail(f"train_and_evaluate raised:\n{message}{leaks}", pytrace=False)
 
 
 def _records(workdir, split: str) -> list[dict]:

@@ -218,11 +218,22 @@ def test_weight_decay_is_decoupled_adamw():
 
 def test_accumulating_optimizer_is_a_gradient_transformation():
     """``make_optimizer`` promises an ``optax.GradientTransformation`` for every option (its annotation, checked
-    by the jaxtyping hook under pytest). With ``accumulation_steps > 1`` it returns the bare ``optax.MultiSteps``
-    wrapper, which is not one, so the hook rejects the call; ``MultiSteps(...).gradient_transformation()`` is.
-    The accumulation *semantics* are tested below with the hook off."""
+    by the jaxtyping hook under pytest); the bare ``optax.MultiSteps`` wrapper is not one."""
     tx = make_optimizer(1e-3, accumulation_steps=2)
     assert isinstance(tx, optax.GradientTransformation)
+
+
+@pytest.mark.parametrize("accumulation_steps", [1, 2])
+def test_optimizer_updates_under_strict_dtype_promotion(accumulation_steps):
+    """The suite runs with strict promotion (tests/conftest.py), where a bare ``optax.adam`` raises on its
+    float ** int32 bias correction; users who opt into strict promotion must still be able to train."""
+    tx = make_optimizer(1e-3, accumulation_steps=accumulation_steps)
+    params = {"w": jnp.ones(2)}
+    with jax.numpy_dtype_promotion("strict"):
+        state = tx.init(params)
+        for _ in range(accumulation_steps):
+            updates, state = tx.update({"w": jnp.ones(2)}, state, params)
+    np.testing.assert_allclose(np.asarray(updates["w"]), [-1e-3, -1e-3], rtol=1e-6)
 
 
 @pytest.mark.parametrize("k", [2, 3])
