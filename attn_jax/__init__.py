@@ -5,6 +5,7 @@ over plain parameter dicts; ``attn_jax.nn`` wraps them as Flax NNX modules. Shap
 ``attn_jax.types``.
 """
 
+from attn_jax.additive import additive_attention, init_additive_attention
 from attn_jax.attention import (
     from_flax_linen_attention,
     init_multi_head_attention,
@@ -15,6 +16,7 @@ from attn_jax.attention import (
     scaled_dot_product_attention,
 )
 from attn_jax.blocks import decoder_block, encoder_block, init_decoder_block, init_encoder_block
+from attn_jax.decoding import beam_search, greedy_decode, length_penalty, sample_language_model
 from attn_jax.layers import (
     dropout,
     embed,
@@ -49,6 +51,8 @@ __version__ = "0.1.0"
 __all__ = [
     "ConfigError",
     "TransformerConfig",
+    "additive_attention",
+    "beam_search",
     "causal_mask",
     "combine_masks",
     "count_params",
@@ -60,6 +64,8 @@ __all__ = [
     "encode",
     "encoder_block",
     "from_flax_linen_attention",
+    "greedy_decode",
+    "init_additive_attention",
     "init_decode_cache",
     "init_decoder_block",
     "init_embedding",
@@ -75,12 +81,14 @@ __all__ = [
     "language_model_step",
     "layer_norm",
     "learned_positions",
+    "length_penalty",
     "multi_head_attention",
     "padding_mask",
     "position_wise_ffn",
     "project_key_value",
     "project_output",
     "project_query",
+    "sample_language_model",
     "scaled_dot_product_attention",
     "shared_logits",
     "sinusoidal_positions",

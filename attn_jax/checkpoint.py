@@ -104,6 +104,16 @@ class _TolerantManager(ocp.CheckpointManager):
             return None
 
 
+class _QuietUnrankedSaves(logging.Filter):
+    """Drops Orbax's warning for a save without metrics: steps between evaluations have none by design."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "did not provide metrics" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_QuietUnrankedSaves())
+
+
 class Checkpointer:
     """Saves and restores the training state with retention, async writes and fallback past corrupt steps.
 

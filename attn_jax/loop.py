@@ -38,7 +38,7 @@ class NonFiniteError(FloatingPointError):
 
 
 @dataclasses.dataclass
-class _Steps:
+class Steps:
     """The compiled steps for one parallel strategy and how to move state and batches onto the devices."""
 
     train: Callable
@@ -66,7 +66,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         model_config.d_model, config.train.warmup_steps, scale=config.train.learning_rate_scale
     )
     tx = _optimizer(config.train, schedule)
-    steps = _compile_steps(config, model_config, tx, mesh)
+    steps = compile_steps(config, model_config, tx, mesh)
     writer = MetricsWriter(workdir)
     checkpointer = _checkpointer(config, workdir, datasets)
     stop = _StopSignal()
@@ -104,11 +104,11 @@ def _train(config, model_config, steps, device_state, dropout_rng, datasets, sch
         )  # fmt: skip
 
     total = config.train.steps
-    bar = ProgressBar(total, initial_step=step, enabled=jax.process_index() == 0)
-    pending: list[tuple[int, dict]] = []
-    tokens_since, time_since = 0, time.perf_counter()
     budget = config.train.time_budget_minutes
     deadline = time.monotonic() + 60 * budget if budget else None
+    bar = ProgressBar(total, initial_step=step, enabled=jax.process_index() == 0, deadline=deadline)
+    pending: list[tuple[int, dict]] = []
+    tokens_since, time_since = 0, time.perf_counter()
     skips = 0
     while step < total:
         batch = next(datasets.train)
@@ -158,8 +158,11 @@ def _optimizer(train_config, schedule):
     )
 
 
-def _compile_steps(config, model_config, tx, mesh) -> _Steps:
-    """Jitted (sharded) or pmapped versions of the one pure ``train_step``/``eval_step``."""
+def compile_steps(config, model_config, tx, mesh) -> Steps:
+    """Jitted (sharded over ``mesh``) or pmapped (``config.parallel.strategy``) ``train_step``/``eval_step``.
+
+    Both wrap the one pure step; they differ only in how state and batches are placed on the devices.
+    """
     train_fn = functools.partial(
         train_step, model_config=model_config, tx=tx, label_smoothing=config.train.label_smoothing
     )
@@ -176,7 +179,7 @@ def _compile_steps(config, model_config, tx, mesh) -> _Steps:
         shardings = parallel.state_shardings(jax.eval_shape(lambda: state), mesh, tx)
         return jax.device_put(state, shardings)
 
-    return _Steps(
+    return Steps(
         train=jax.jit(train_fn, donate_argnums=0),
         evaluate=jax.jit(eval_fn),
         put_batch=lambda batch: jax.device_put(batch, batch_sharding),
@@ -185,7 +188,7 @@ def _compile_steps(config, model_config, tx, mesh) -> _Steps:
     )
 
 
-def _pmap_steps(train_fn, eval_fn) -> _Steps:
+def _pmap_steps(train_fn, eval_fn) -> Steps:
     axis = "batch"
     count = jax.local_device_count()
 
@@ -196,13 +199,17 @@ def _pmap_steps(train_fn, eval_fn) -> _Steps:
     train = jax.pmap(functools.partial(train_fn, axis_name=axis), axis_name=axis, donate_argnums=0,
                      in_axes=(0, 0, None))  # fmt: skip
     evaluate = jax.pmap(functools.partial(eval_fn, axis_name=axis), axis_name=axis)
-    return _Steps(
+    return Steps(
         train=lambda state, batch, rng: _first_metrics(train(state, batch, rng)),
         evaluate=lambda params, batch: jax.tree.map(lambda x: x[0], evaluate(params, batch)),
         put_batch=split,
-        put_state=lambda state: jax.device_put_replicated(state, jax.local_devices()),
+        put_state=lambda state: _replicate(jax.tree.map(lambda x: jnp.stack([x] * count), state)),
         get_state=lambda state: jax.tree.map(lambda x: x[0], state),
     )
+
+
+# [devices, ...] host or single-device arrays -> one slice per device, as pmap keeps its state.
+_replicate = jax.pmap(lambda tree: tree)
 
 
 def _first_metrics(result):

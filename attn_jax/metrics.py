@@ -199,6 +199,8 @@ class ProgressBar:
       total_steps: the step the run ends at.
       initial_step: the step it starts from (non-zero when resuming), so the ETA covers only what is left.
       enabled: show the bar at all.
+      deadline: ``time.monotonic()`` at which a time budget ends the run; the bar then shows the time left
+        instead of a step ETA (which would assume the run goes on to ``total_steps``).
 
     Example:
       >>> bar = ProgressBar(100, initial_step=0, enabled=False)
@@ -206,7 +208,9 @@ class ProgressBar:
       >>> bar.close()
     """
 
-    def __init__(self, total_steps: int, initial_step: int = 0, enabled: bool = True):
+    def __init__(self, total_steps: int, initial_step: int = 0, enabled: bool = True, deadline: float | None = None):
+        self._deadline = deadline
+        eta = "{postfix}" if deadline is not None else ", eta {remaining}{postfix}"
         stream = sys.stderr
         interactive = getattr(stream, "isatty", lambda: False)()
         self._bar = tqdm(
@@ -218,7 +222,7 @@ class ProgressBar:
             mininterval=0.5 if interactive else 5.0,
             dynamic_ncols=interactive,
             # tqdm's own estimate (smoothed steps/s) is the ETA; "eta" spells out what the bracket shows.
-            bar_format="{desc}{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}, eta {remaining}{postfix}]",
+            bar_format="{desc}{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}" + eta + "]",
         )
 
     def update(
@@ -236,6 +240,9 @@ class ProgressBar:
             return
         tokens = tqdm.format_sizeof(_scalar(tokens_per_second))
         postfix = f"loss={_scalar(loss):.4f}, lr={_scalar(learning_rate):.2e}, tok/s={tokens}"
+        if self._deadline is not None:
+            left = max(self._deadline - time.monotonic(), 0.0)
+            postfix = f"budget left {tqdm.format_interval(left)}, {postfix}"
         self._bar.set_postfix_str(postfix, refresh=False)
         self._bar.update(step - self._bar.n)
 

@@ -2,6 +2,8 @@
 
 import json
 import math
+import re
+import time
 
 import jax.numpy as jnp
 import numpy as np
@@ -118,6 +120,18 @@ def test_progress_bar_in_non_tty_shows_tokens_per_second(capsys):
     err = capsys.readouterr().err
     assert "tok/s=12.3k" in err and "loss=2.3456" in err and "lr=7.00e-04" in err
     assert "30/100" in err and "eta" in err
+
+
+def test_progress_bar_under_a_time_budget_shows_the_time_left_not_a_step_eta(capsys):
+    bar = ProgressBar(100_000, initial_step=0, enabled=True, deadline=time.monotonic() + 125.0)
+    bar.update(5, loss=2.0, learning_rate=1e-3, tokens_per_second=100.0)
+    bar.close()
+
+    err = capsys.readouterr().err
+    left = re.findall(r"budget left (\d+):(\d\d), loss=2\.0000", err)
+    assert left, err
+    assert 100 <= 60 * int(left[-1][0]) + int(left[-1][1]) <= 125
+    assert "eta" not in err
 
 
 def test_progress_bar_disabled_prints_nothing(capsys):
