@@ -4,9 +4,7 @@ A run writes checkpoints, ``metrics.jsonl``, ``config.json``, ``results.json`` a
 workdir resumes from the newest checkpoint; ``evaluate_checkpoint`` reads the result back; the copy task learns
 to copy held-out sequences. The learning rates in the log are checked against the paper's equation 3.
 
-``train_step`` calls ``optax.global_norm``, deprecated in Optax 0.2.8; under ``filterwarnings = error`` that
-would fail every run, so this module ignores that one warning (tests/test_train.py has the test that fails on
-it). The loop runs on the 8 simulated CPU devices of tests/conftest.py (a batch-sharded mesh).
+The loop runs on the 8 simulated CPU devices of tests/conftest.py (a batch-sharded mesh).
 
 ``attn_jax.loop`` is imported inside the tests, not at the top: should it fail to import (under pytest the
 jaxtyping hook type-checks it as it is imported), each test reports that instead of the whole session stopping
@@ -31,8 +29,6 @@ import pytest
 from attn_jax.checkpoint import Checkpointer
 from attn_jax.config import load_experiment
 from attn_jax.metrics import read_metrics
-
-pytestmark = pytest.mark.filterwarnings("ignore:optax.global_norm is deprecated:DeprecationWarning")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "experiments" / "tiny.py")
