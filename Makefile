@@ -7,7 +7,7 @@ RUN ?= runs/ding_en_de
 EXP ?= experiments/ding_en_de.py
 ARGS ?=
 
-.PHONY: install test test-fast lint train smoke bench clean
+.PHONY: install test test-fast soak lint train smoke bench clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -n 2 -q -m "not slow" attn_jax tests
+
+# The SIGKILL-resume test with 20 kills instead of 5 (a few minutes).
+soak: $(STAMP)
+	ATTN_JAX_SOAK_KILLS=20 $(BIN)/python -m pytest -q -rfE tests/test_resume.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check attn_jax tests experiments
