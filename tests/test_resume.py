@@ -3,7 +3,7 @@ uninterrupted run ends: parameters, optimizer state, step, RNG and the logged lo
 
 Each run is ``python -m attn_jax train`` in a subprocess on one CPU device (dropout on), checkpointing every few
 steps so that kills land inside steps, between them and inside asynchronous saves. The kill instants come from a
-seeded generator, so a failure reproduces. ``ATTN_JAX_SOAK_KILLS=20 make soak`` runs the longer variant.
+seeded generator, so a failure reproduces. ``make soak`` runs the longer variant (20 kills).
 """
 
 import os
