@@ -49,7 +49,10 @@ class Steps:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains ``config`` in ``workdir``, resuming from its newest good checkpoint; returns the final metrics."""
+    """Trains ``config`` in ``workdir``, resuming from its newest good checkpoint; returns the final metrics.
+
+    On SIGTERM it checkpoints at the next step boundary and returns ``{}`` without the final evaluation.
+    """
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     chief = jax.process_index() == 0
@@ -79,8 +82,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             config, model_config, steps, steps.put_state(state), dropout_rng, datasets, schedule, writer,
             checkpointer, stop,
         )  # fmt: skip
-        if stop.requested or step < config.train.steps:
-            log.warning("stopped early at step %d (%s)", step, "signal" if stop.requested else "time budget")
+        if stop.requested:  # preempted: the checkpoint is saved; evaluating now could outlast the grace period
+            log.warning("SIGTERM: checkpointed step %d and stopped; rerun the same command to resume", step)
+            return {}
+        if step < config.train.steps:
+            log.warning("stopped early at step %d (time budget)", step)
         # The test split is scored in full by the final report; validation BLEU stays on its usual subset.
         results = _evaluate(config, model_config, steps, device_state, datasets, writer, step, bleu_limit=True)
         if chief:

@@ -114,3 +114,25 @@ def test_sigkill_at_random_instants_resumes_bit_for_bit(tmp_path):
     expected_losses = _losses_by_step(reference)
     assert sorted(expected_losses) == list(range(1, STEPS + 1))
     assert _losses_by_step(killed) == expected_losses
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_at_the_next_step_boundary_and_exits(tmp_path):
+    command = [*_command(tmp_path), "--config.train.steps=100000", "--config.train.checkpoint_every=100000"]
+    process = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not any(r["step"] >= 5 for r in _train_records(tmp_path)) and time.monotonic() < deadline:
+            assert process.poll() is None, process.stderr.read()[-3000:]
+            time.sleep(0.01)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, stderr[-3000:]
+    last_logged = max(r["step"] for r in _train_records(tmp_path))
+    with Checkpointer(tmp_path / "checkpoints", read_only=True) as checkpointer:
+        assert checkpointer.all_steps() == [last_logged]  # the only checkpoint: the step the signal ended on
+    assert not (tmp_path / "results.json").exists()  # it stopped after the save, without the final evaluation
