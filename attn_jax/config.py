@@ -10,6 +10,7 @@ import ast
 import dataclasses
 import difflib
 import importlib.util
+import math
 import pathlib
 from typing import Any
 
@@ -64,9 +65,91 @@ def load_experiment(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> m
     config = module.get_config(arg or None)
     config.lock()
     apply_overrides(config, overrides)
+    check_values(config)
     if "model" in config:
         model_config(config)  # validates now, before any compile
     return config
+
+
+def _integer(low: int):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low, f"an integer >= {low}"
+
+
+def _number(low: float, high: float = math.inf, *, open_low: bool = False, open_high: bool = False):
+    def check(v):
+        if not isinstance(v, int | float) or isinstance(v, bool) or math.isnan(v):
+            return False
+        return (v > low if open_low else v >= low) and (v < high if open_high else v <= high)
+
+    interval = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+    return check, f"a number in {interval}"
+
+
+def _one_of(*choices: str):
+    return lambda v: v in choices, " or ".join(map(repr, choices))
+
+
+# What each non-model field accepts (config.model is checked by TransformerConfig itself).
+_VALUE_RULES = {
+    "seed": _integer(0),
+    "task": _one_of("translation", "lm"),
+    "train.steps": _integer(1),
+    "train.warmup_steps": _integer(1),
+    "train.learning_rate_scale": _number(0.0, open_low=True, open_high=True),
+    "train.b1": _number(0.0, 1.0, open_high=True),
+    "train.b2": _number(0.0, 1.0, open_high=True),
+    "train.eps": _number(0.0, open_high=True),
+    "train.label_smoothing": _number(0.0, 1.0, open_high=True),
+    "train.grad_clip_norm": _number(0.0, open_high=True),
+    "train.weight_decay": _number(0.0, open_high=True),
+    "train.accumulation_steps": _integer(1),
+    "train.log_every": _integer(1),
+    "train.eval_every": _integer(1),
+    "train.checkpoint_every": _integer(1),
+    "train.keep_checkpoints": _integer(1),
+    "train.keep_best": _integer(0),
+    "train.nonfinite": _one_of("raise", "skip"),
+    "train.max_consecutive_skips": _integer(0),
+    "train.time_budget_minutes": _number(0.0, open_high=True),
+    "eval.beam_size": _integer(1),
+    "eval.alpha": _number(0.0, open_high=True),
+    "eval.extra_length": _integer(0),
+    "eval.bleu_examples": _integer(0),
+    "eval.batch_size": _integer(1),
+    "eval.num_samples": _integer(0),
+    "eval.attention_plots": _integer(0),
+    "parallel.strategy": _one_of("jit", "pmap"),
+    "data.vocab_size": _integer(8),
+    "data.tokenizer_type": _one_of("bpe", "unigram"),
+    "data.tokenizer_examples": _integer(1),
+    "data.max_length": _integer(2),
+    "data.overlong": _one_of("drop", "truncate"),
+    "data.tokens_per_batch": _integer(1),
+    "data.eval_tokens_per_batch": _integer(1),
+    "data.num_threads": _integer(0),
+}
+
+
+def check_values(config: ml_collections.ConfigDict) -> None:
+    """Range and choice checks of the training, data, evaluation and parallel fields present in ``config``.
+
+    Raises:
+      ConfigError: naming the first field whose value is out of range, with what it accepts.
+    """
+    values = flatten(config)
+    for key, (accepts, description) in _VALUE_RULES.items():
+        if key in values and not accepts(values[key]):
+            raise ConfigError(f"config.{key}: expected {description}, got {values[key]!r}")
+    for axis in ("data", "fsdp", "tensor"):
+        size = values.get(f"parallel.{axis}")
+        if size is not None and (not isinstance(size, int) or size == 0 or size < -1):
+            raise ConfigError(f"config.parallel.{axis}: expected a positive mesh size or -1, got {size!r}")
+    data = config.get("data")
+    if data is not None and data.get("tokens_per_batch", 0) < data.get("max_length", 0):
+        raise ConfigError(
+            f"config.data.tokens_per_batch ({data.tokens_per_batch}) must hold at least one sequence of "
+            f"config.data.max_length ({data.max_length}) tokens"
+        )
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides) -> None:
