@@ -124,6 +124,7 @@ _VALUE_RULES = {
     "data.tokenizer_examples": _integer(1),
     "data.max_length": _integer(2),
     "data.overlong": _one_of("drop", "truncate"),
+    "data.invalid_utf8": _one_of("replace", "error"),
     "data.tokens_per_batch": _integer(1),
     "data.eval_tokens_per_batch": _integer(1),
     "data.num_threads": _integer(0),
@@ -219,11 +220,11 @@ def _literal_or_text(text: str) -> Any:
         return text
 
 
-def flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
-    """``{"a.b": value}`` for every leaf of a ConfigDict."""
+def flatten(config: ml_collections.ConfigDict | dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a.b": value}`` for every leaf of a ConfigDict (or of nested dicts, as a saved config is)."""
     out = {}
     for key, value in config.items():
-        if isinstance(value, ml_collections.ConfigDict):
+        if isinstance(value, ml_collections.ConfigDict | dict):
             out |= flatten(value, f"{prefix}{key}.")
         else:
             out[f"{prefix}{key}"] = value

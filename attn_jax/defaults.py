@@ -94,6 +94,7 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
     data.tokenizer_examples = 1_000_000  # training pairs read to train the tokenizer
     data.max_length = 64  # tokens per side including EOS; longer pairs are dropped or truncated
     data.overlong = "drop"  # "drop" or "truncate" over-long training pairs (always counted)
+    data.invalid_utf8 = "replace"  # "replace" (U+FFFD, counted) or "error" (stop, naming the record)
     data.tokens_per_batch = 4096  # padded tokens per batch and side (paper: ~25000)
     data.eval_tokens_per_batch = 2048  # the same for evaluation batches
     data.num_threads = 2  # threads preparing batches ahead of the step

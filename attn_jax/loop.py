@@ -80,7 +80,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         )
         device_state, step = _train(
             config, model_config, steps, steps.put_state(state), dropout_rng, datasets, schedule, writer,
-            checkpointer, stop,
+            checkpointer, stop, workdir,
         )  # fmt: skip
         if stop.requested:  # preempted: the checkpoint is saved; evaluating now could outlast the grace period
             log.warning("SIGTERM: checkpointed step %d and stopped; rerun the same command to resume", step)
@@ -98,10 +98,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         stop.restore()
 
 
-def _train(config, model_config, steps, device_state, dropout_rng, datasets, schedule, writer, checkpointer, stop):
+def _train(
+    config, model_config, steps, device_state, dropout_rng, datasets, schedule, writer, checkpointer, stop, workdir
+):
     """Steps until ``config.train.steps``, a signal or the time budget; returns ``(device_state, step)``."""
     step = int(jax.device_get(steps.get_state(device_state).step))
-    metadata = ckpt_lib.environment_metadata() | {"data_fingerprint": datasets.fingerprint}
+    metadata = _run_metadata(datasets)
 
     def save(step, metrics=None, force=False):
         checkpointer.save(
@@ -113,7 +115,7 @@ def _train(config, model_config, steps, device_state, dropout_rng, datasets, sch
     budget = config.train.time_budget_minutes
     deadline = time.monotonic() + 60 * budget if budget else None
     bar = ProgressBar(total, initial_step=step, enabled=jax.process_index() == 0, deadline=deadline)
-    pending: list[tuple[int, dict]] = []
+    pending: list[tuple[int, dict, dict]] = []  # (step, device metrics, host batch) since the last fetch
     tokens_since, time_since = 0, time.perf_counter()
     skips = 0
     while step < total:
@@ -121,10 +123,12 @@ def _train(config, model_config, steps, device_state, dropout_rng, datasets, sch
         device_state, metrics = steps.train(device_state, steps.put_batch(batch), dropout_rng)
         step += 1
         tokens_since += int(np.count_nonzero(batch["targets_out"]))
-        pending.append((step, metrics))
+        pending.append((step, metrics, batch))
         last = step == total or stop.requested or (deadline is not None and time.monotonic() > deadline)
-        if step % config.train.log_every == 0 or last:
-            skips = _check_finite(pending, config.train, skips)
+        saving = step % config.train.checkpoint_every == 0 or last
+        # Before every save too: under "raise" no checkpoint is written past a non-finite step.
+        if step % config.train.log_every == 0 or saving:
+            skips = _check_finite(pending, config.train, skips, workdir)
             train_metrics = _summarise(pending, schedule)
             train_metrics["tokens_per_second"] = tokens_since / max(time.perf_counter() - time_since, 1e-9)
             writer.write(step, train_metrics, split="train")
@@ -134,7 +138,7 @@ def _train(config, model_config, steps, device_state, dropout_rng, datasets, sch
         eval_metrics = None
         if step % config.train.eval_every == 0 and not last:
             eval_metrics = _evaluate(config, model_config, steps, device_state, datasets, writer, step, bleu_limit=True)
-        if step % config.train.checkpoint_every == 0 or last:
+        if saving:
             save(step, metrics=eval_metrics, force=last)
         if last:
             break
@@ -235,10 +239,29 @@ def _restore_or_init(config, model_config, tx, mesh, checkpointer, datasets, ini
     if restored.data_state:
         datasets.train.set_state(restored.data_state)
     log.info("resumed from step %d", restored.step)
+    _warn_if_changed(restored, config, _run_metadata(datasets))
     tree = restored.state
     state = TrainState(step=jnp.asarray(tree["step"]), params=tree["params"], opt_state=tree["opt_state"])
     # Through the host: a key committed to one device would clash with the state's devices under jit.
     return state, jax.random.wrap_key_data(np.asarray(tree["rng"]))
+
+
+def _warn_if_changed(restored: ckpt_lib.Restored, config, metadata: dict) -> None:
+    """Warns, key by key, where the resumed run's config, library versions or data differ from the checkpoint's."""
+    saved_config = config_lib.flatten(restored.config)
+    current_config = config_lib.flatten(json.loads(config.to_json_best_effort()))
+    for label, saved, current in (
+        ("config", saved_config, current_config),
+        ("metadata", restored.metadata, metadata),
+    ):
+        if not saved:
+            continue  # written by a caller that recorded none
+        for key in sorted(set(saved) | set(current)):
+            if saved.get(key) != current.get(key):
+                log.warning(
+                    "resuming step %d with %s %s = %r; the checkpoint was written with %r",
+                    restored.step, label, key, current.get(key), saved.get(key),
+                )  # fmt: skip
 
 
 def _to_checkpoint(state: TrainState, rng) -> dict:
@@ -253,40 +276,65 @@ def _data_summary(report: dict) -> str:
     train = report["train"]
     return (
         f"{train['num_examples']} training pairs: {train['dropped_too_long']} dropped as too long, "
-        f"{train['truncated']} truncated, {train['dropped_empty']} empty; {train['batches_per_epoch']} batches "
-        f"per epoch in shapes {sorted(set(map(tuple, train['batch_shapes'])))}"
+        f"{train['truncated']} truncated, {train['dropped_empty']} empty, "
+        f"{train.get('invalid_utf8', 0)} with invalid UTF-8 replaced, {train.get('control_characters', 0)} with "
+        f"control characters replaced; {train['batches_per_epoch']} batches per epoch in shapes "
+        f"{sorted(set(map(tuple, train['batch_shapes'])))}"
     )
 
 
-def _check_finite(pending, train_config, skips: int) -> int:
+def _run_metadata(datasets) -> dict:
+    """What a checkpoint records besides the config: library versions and the data fingerprint."""
+    return ckpt_lib.environment_metadata() | {"data_fingerprint": datasets.fingerprint}
+
+
+def _check_finite(pending, train_config, skips: int, workdir: pathlib.Path) -> int:
     """Applies the non-finite policy to the steps since the last fetch; returns the consecutive-skip count."""
-    for step, metrics in pending:
+    for step, metrics, batch in pending:
         if float(metrics["finite"]) == 1.0:
             skips = 0
             continue
         if train_config.nonfinite == "raise":
+            path = _save_batch(workdir, step, batch)
             raise NonFiniteError(
-                f"non-finite loss or gradient at step {step} (loss sum {float(metrics['loss'])}); the update was "
-                "not applied and the last checkpoint is intact. Rerun with --config.train.nonfinite=skip to skip."
+                f"non-finite loss or gradient at step {step} (loss sum {float(metrics['loss'])}); the batch is in "
+                f"{path}. The update was not applied and the last checkpoint is intact. Rerun with "
+                "--config.train.nonfinite=skip to skip such steps."
             )
         skips += 1
         log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step, skips)
         if skips > train_config.max_consecutive_skips:
-            raise NonFiniteError(f"{skips} consecutive non-finite steps up to step {step}")
+            path = _save_batch(workdir, step, batch)
+            raise NonFiniteError(
+                f"{skips} consecutive non-finite steps up to step {step} (limit "
+                f"train.max_consecutive_skips={train_config.max_consecutive_skips}); the last batch is in {path}"
+            )
     return skips
 
 
+def _save_batch(workdir: pathlib.Path, step: int, batch: dict) -> pathlib.Path:
+    """Keeps the batch of a failed step for inspection: ``workdir/nonfinite/step_<N>.npz`` (per process)."""
+    suffix = f"_process{jax.process_index()}" if jax.process_count() > 1 else ""
+    path = workdir / "nonfinite" / f"step_{step}{suffix}.npz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **{key: np.asarray(value) for key, value in batch.items()})
+    return path
+
+
 def _summarise(pending, schedule) -> dict:
-    totals = jax.device_get([m for _, m in pending])
-    sums = {k: sum(float(m[k]) for m in totals) for k in ("loss", "nll", "correct", "weight")}
+    """Token-averaged loss and accuracy of the applied (finite) steps since the last fetch, and the skip count."""
+    totals = jax.device_get([m for _, m, _ in pending])
+    applied = [m for m in totals if float(m["finite"]) == 1.0]
+    sums = {k: sum(float(m[k]) for m in applied) for k in ("loss", "nll", "correct", "weight")}
     weight = max(sums["weight"], 1.0)
     last_step = pending[-1][0]
     return {
-        "loss": sums["loss"] / weight,
-        "nll": sums["nll"] / weight,
-        "accuracy": sums["correct"] / weight,
-        "grad_norm": float(np.mean([float(m["grad_norm"]) for m in totals])),
+        "loss": sums["loss"] / weight if applied else float("nan"),
+        "nll": sums["nll"] / weight if applied else float("nan"),
+        "accuracy": sums["correct"] / weight if applied else float("nan"),
+        "grad_norm": float(np.mean([float(m["grad_norm"]) for m in applied])) if applied else float("nan"),
         "learning_rate": float(schedule(last_step - 1)),
+        "skipped_steps": len(totals) - len(applied),
     }
 
 

@@ -52,13 +52,27 @@ def main(argv: list[str] | None = None) -> int:
         jax.config.update("jax_compilation_cache_dir", cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     from attn_jax import commands
+    from attn_jax.checkpoint import CheckpointError, CheckpointMismatchError
     from attn_jax.config import ConfigError
+    from attn_jax.data.text import DataError
+    from attn_jax.loop import NonFiniteError
 
     try:
         return commands.run(args, overrides)
-    except ConfigError as error:
-        print(f"attn-jax: config error: {error}", file=sys.stderr)
-        return 2
+    except (ConfigError, CheckpointMismatchError) as error:  # the config contradicts itself or the checkpoint
+        return _fail("config error", error, status=2)
+    # Each message names the record, step or checkpoint at fault: a traceback would only bury it.
+    except DataError as error:
+        return _fail("data error", error)
+    except NonFiniteError as error:
+        return _fail("non-finite step", error)
+    except CheckpointError as error:
+        return _fail("checkpoint error", error)
+
+
+def _fail(kind: str, error: Exception, *, status: int = 1) -> int:
+    print(f"attn-jax: {kind}: {error}", file=sys.stderr)
+    return status
 
 
 def run() -> None:

@@ -14,6 +14,7 @@ at collection.
 import gc
 import importlib
 import json
+import logging
 import math
 import os
 import pathlib
@@ -26,7 +27,8 @@ import warnings
 import jax
 import pytest
 
-from attn_jax.checkpoint import Checkpointer
+from attn_jax import checkpoint as ckpt_lib
+from attn_jax.checkpoint import Checkpointer, environment_metadata
 from attn_jax.config import load_experiment
 from attn_jax.metrics import read_metrics
 
@@ -172,10 +174,18 @@ def test_a_checkpoint_is_evaluated_on_a_different_number_of_devices(tiny_run, tm
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_second_run_resumes_from_the_newest_checkpoint(tiny_run, tmp_path):
+def test_second_run_resumes_from_the_newest_checkpoint(tiny_run, tmp_path, caplog, monkeypatch):
     workdir = tmp_path / "resumed"
     shutil.copytree(tiny_run[0], workdir)
-    _train(TINY, workdir, *TINY_OVERRIDES[1:], "train.steps=6")
+    # Resuming under another config value and another library version: both are named in a warning.
+    monkeypatch.setattr(ckpt_lib, "environment_metadata", lambda: {**environment_metadata(), "optax": "0.0.1"})
+    with caplog.at_level(logging.WARNING, logger="attn_jax.loop"):
+        _train(TINY, workdir, *TINY_OVERRIDES[1:], "train.steps=6")
+    warned = [r.getMessage() for r in caplog.records if r.name == "attn_jax.loop"]
+    assert "resuming step 4 with config train.steps = 6; the checkpoint was written with 4" in warned
+    assert any(m.startswith("resuming step 4 with metadata optax = '0.0.1'; the checkpoint was written with '0.") for
+               m in warned)  # fmt: skip
+    assert not any("data_fingerprint" in m for m in warned)
     train_steps = [r["step"] for r in _records(workdir, "train")]
     # The log continues: the first resumed step is the checkpointed step + 1, nothing is redone.
     assert train_steps == [1, 2, 3, 4, 5, 6]

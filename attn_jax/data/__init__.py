@@ -13,6 +13,7 @@ from attn_jax.data.ding import DingEnDe, DingFileNotFoundError, ding_sources, fe
 from attn_jax.data.ding_parser import DingPair, ParseStats, parse_ding, split_of, split_pairs
 from attn_jax.data.encoding import load_or_measure_lengths, measure_lengths, text_pair_encoder, token_pair_encoder
 from attn_jax.data.pipeline import Batches, PipelineConfig, PipelineStats, eval_batches, train_batches
+from attn_jax.data.text import TEXT_ISSUES, DataError, clean_text
 from attn_jax.data.tokenizer import (
     BOS_ID,
     EOS_ID,
@@ -31,9 +32,11 @@ __all__ = [
     "BOS_ID",
     "EOS_ID",
     "PAD_ID",
+    "TEXT_ISSUES",
     "UNK_ID",
     "Batches",
     "CopySource",
+    "DataError",
     "DingEnDe",
     "DingFileNotFoundError",
     "DingPair",
@@ -41,6 +44,7 @@ __all__ = [
     "PipelineConfig",
     "PipelineStats",
     "bucket_boundaries",
+    "clean_text",
     "decode",
     "ding_sources",
     "encode",

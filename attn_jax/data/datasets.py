@@ -5,6 +5,7 @@ reuses the shared SentencePiece model in the workdir, and builds this host's tra
 goes into checkpoints) and evaluation batches, plus the raw validation and test pairs that BLEU is scored on.
 """
 
+import collections
 import dataclasses
 import hashlib
 import pathlib
@@ -19,6 +20,7 @@ from attn_jax.data.copy_task import CopySource
 from attn_jax.data.ding import ding_sources
 from attn_jax.data.encoding import load_or_measure_lengths, read_examples, text_pair_encoder, token_pair_encoder
 from attn_jax.data.pipeline import PipelineConfig, eval_batches, train_batches
+from attn_jax.data.text import TEXT_ISSUES, DataError, clean_text
 from attn_jax.data.wmt14 import wmt14_sources
 
 DATASETS = ("ding_en_de", "wmt14_translate/de-en", "copy")
@@ -37,7 +39,8 @@ class Datasets:
       validation_pairs / test_pairs: ``(source, reference)`` raw text (or id arrays for copy) for BLEU.
       batch_multiple: batch sizes are multiples of this.
       fingerprint: names the data, the tokenizer and the pipeline settings (stored in checkpoints).
-      report: counts of what the pipeline dropped, truncated and padded (never silent).
+      report: counts of what the pipeline dropped, truncated and padded, and of the training texts that
+        needed cleaning (invalid UTF-8, control characters): never silent.
     """
 
     train: Iterator[dict]
@@ -106,8 +109,9 @@ def build_datasets(
         batch_multiple=batch_multiple, seed=config.seed, num_threads=data.num_threads,
     )  # fmt: skip
     eval_config = dataclasses.replace(train_config, tokens_per_batch=data.eval_tokens_per_batch, shuffle=False)
+    text_issues = collections.Counter()
     lengths = load_or_measure_lengths(
-        workdir / "lengths_train.npz", sources["train"], encode_pair, fingerprint=fingerprint
+        workdir / "lengths_train.npz", sources["train"], encode_pair, fingerprint=fingerprint, issues=text_issues
     )
     train = train_batches(
         sources["train"], encode_pair, train_config, shard_index=shard_index, shard_count=shard_count, lengths=lengths
@@ -124,7 +128,10 @@ def build_datasets(
         test_pairs=_pairs(sources["test"], data),
         batch_multiple=batch_multiple,
         fingerprint=fingerprint,
-        report={"train": dataclasses.asdict(train.stats), "validation": dataclasses.asdict(validation.stats)},
+        report={
+            "train": dataclasses.asdict(train.stats) | {issue: text_issues[issue] for issue in TEXT_ISSUES},
+            "validation": dataclasses.asdict(validation.stats),
+        },
     )
 
 
@@ -144,7 +151,8 @@ def _sources(config, workdir: pathlib.Path):
         vocab_size=data.vocab_size,
         model_type=data.tokenizer_type,
     )
-    return sources, tokenizer, text_pair_encoder(tokenizer, *keys), data.vocab_size
+    encoder = text_pair_encoder(tokenizer, *keys, invalid_utf8=data.invalid_utf8)
+    return sources, tokenizer, encoder, data.vocab_size
 
 
 def _copy_sources(copy) -> dict[str, CopySource]:
@@ -178,11 +186,15 @@ def _pairs(source, data) -> list:
     examples = read_examples(source, list(range(len(source))))
     if data.name == "copy":
         return [(np.asarray(e["source"], np.int32), np.asarray(e["target"], np.int32)) for e in examples]
-    return [(_text(e[data.source_key]), _text(e[data.target_key])) for e in examples]
+    return [tuple(_text(e, key, index, data) for key in (data.source_key, data.target_key)) for index, e in
+            enumerate(examples)]  # fmt: skip
 
 
-def _text(value) -> str:
-    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+def _text(example, key: str, index: int, data) -> str:
+    try:
+        return clean_text(example[key], invalid_utf8=data.invalid_utf8)[0]
+    except DataError as error:
+        raise DataError(f"{data.name}: record {index}, feature {key!r}: {error}") from None
 
 
 def _fingerprint(config, workdir: pathlib.Path, tokenizer) -> str:

@@ -28,6 +28,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from attn_jax.data.ding_parser import SPLITS, DingPair, parse_ding, split_pairs
+from attn_jax.data.text import DataError
 
 DING_PACKAGE = "trans-de-en"
 # Where the dictionary lies inside the Debian package.
@@ -44,7 +45,7 @@ then pass ding_file="ding_pkg/{DING_PATH_IN_PACKAGE}", or copy that file to CACH
 or to the TFDS manual dir as {DING_FILE_NAME}."""
 
 
-class DingFileNotFoundError(FileNotFoundError):
+class DingFileNotFoundError(FileNotFoundError, DataError):
     """The ``de-en`` file is neither given, in the manual dir, in the cache, nor fetchable."""
 
 

@@ -18,6 +18,8 @@ import grain
 import numpy as np
 import sentencepiece as spm
 
+from attn_jax.data.text import clean_text
+
 PAD_ID = 0
 EOS_ID = 1
 BOS_ID = 2
@@ -178,7 +180,7 @@ def encode(tokenizer: spm.SentencePieceProcessor, text: str | bytes) -> np.ndarr
 
     Args:
       tokenizer: a SentencePiece model.
-      text: the text (``bytes`` are read as UTF-8, as TFDS returns them).
+      text: the text (``bytes`` are read as UTF-8, as TFDS returns them; see ``clean_text``).
 
     Returns:
       ``int32`` ids, shape ``[L]``.
@@ -201,7 +203,7 @@ def decode(tokenizer: spm.SentencePieceProcessor, ids: Iterable[int] | np.ndarra
 
 
 def _to_str(text: str | bytes) -> str:
-    return text.decode("utf-8") if isinstance(text, bytes) else text
+    return clean_text(text)[0]  # invalid UTF-8 replaced, control characters as spaces
 
 
 def _as_str(texts: Iterable[str | bytes]) -> Iterator[str]:
