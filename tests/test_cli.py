@@ -213,3 +213,11 @@ def test_train_eval_translate_and_average_on_a_generated_ding_file(tmp_path, cap
     assert (workdir / "checkpoints" / "averaged" / "10").is_dir()
     # The training run's own checkpoints are untouched.
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [5, 10]
+
+    # Resuming with a model whose shapes differ from the checkpoint's: a config error, the checkpoints kept.
+    capsys.readouterr()
+    assert main(["train", *common, "--config.model.d_ff=40"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("attn-jax: config error: restore target does not match checkpoint") and "w_1" in err
+    assert "Traceback" not in err
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [5, 10]
