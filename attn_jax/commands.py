@@ -9,7 +9,7 @@ import numpy as np
 
 from attn_jax import checkpoint as ckpt_lib
 from attn_jax import config as config_lib
-from attn_jax import loop
+from attn_jax import loop, parallel
 from attn_jax.data.tokenizer import decode, encode
 from attn_jax.evaluate import translate_ids
 
@@ -17,6 +17,7 @@ from attn_jax.evaluate import translate_ids
 def run(args, overrides: list[str]) -> int:
     if args.command == "train":
         config = config_lib.load_experiment(args.config, overrides)
+        parallel.initialize_distributed(config.parallel)
         loop.train_and_evaluate(config, args.workdir)
     elif args.command == "eval":
         config = config_lib.load_experiment(args.config, overrides)

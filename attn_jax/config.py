@@ -119,6 +119,8 @@ _VALUE_RULES = {
     "eval.num_samples": _integer(0),
     "eval.attention_plots": _integer(0),
     "parallel.strategy": _one_of("jit", "pmap"),
+    "parallel.num_processes": _integer(0),
+    "parallel.process_id": _integer(-1),
     "data.vocab_size": _integer(8),
     "data.tokenizer_type": _one_of("bpe", "unigram"),
     "data.tokenizer_examples": _integer(1),

@@ -47,7 +47,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.parallel.data = -1  # mesh axis sizes; -1 = all remaining devices
     c.parallel.fsdp = 1  # parameters sharded along d_model, batch along this axis too
     c.parallel.tensor = 1  # heads, FFN hidden units and vocabulary split across this axis
-    c.parallel.distributed = False  # call jax.distributed.initialize() (multi-host); also auto on TPU pods
+    # Multi-host: True calls jax.distributed.initialize(), which finds the coordinator itself on TPU pods, SLURM
+    # and Open MPI; elsewhere give the three fields below (or JAX_COORDINATOR_ADDRESS), one launch per host.
+    c.parallel.distributed = False
+    c.parallel.coordinator_address = ""  # "host:port" of process 0; "" = detect
+    c.parallel.num_processes = 0  # 0 = detect
+    c.parallel.process_id = -1  # -1 = detect
     return c
 
 

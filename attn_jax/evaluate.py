@@ -12,7 +12,9 @@ from collections.abc import Callable, Iterable, Sequence
 import jax
 import numpy as np
 import sacrebleu
+from jax.sharding import Mesh
 
+from attn_jax import parallel
 from attn_jax.data.tokenizer import EOS_ID, PAD_ID, decode, encode
 from attn_jax.decoding import beam_search
 from attn_jax.model_config import TransformerConfig
@@ -62,11 +64,14 @@ def translate_ids(
     extra_length: int = 50,
     batch_size: int = 64,
     batch_multiple: int = 1,
+    mesh: Mesh | None = None,
 ) -> list[np.ndarray]:
     """Beam-searches each tokenized source (ending in EOS); returns the best output ids, EOS and padding cut.
 
     Sources are sorted by length and decoded in batches padded to a few static shapes; the maximum output
-    length is the bucket's source length + ``extra_length`` (capped at ``model_config.max_len``).
+    length is the bucket's source length + ``extra_length`` (capped at ``model_config.max_len``). With a
+    ``mesh``, each batch is split over its batch axes (every process passes the same ``sources``, and each
+    process gets every output), and ``params`` may be sharded on it.
     """
     order = np.argsort([len(s) for s in sources], kind="stable")
     outputs: list[np.ndarray] = [np.zeros(0, np.int32)] * len(sources)
@@ -79,7 +84,8 @@ def translate_ids(
         for row, i in enumerate(chosen):
             batch[row, : len(sources[i])] = sources[i][:src_len]
         max_len = min(src_len + extra_length, model_config.max_len)
-        best = np.asarray(
+        batch = batch if mesh is None else parallel.put_replicated_host_batch(batch, mesh)
+        best = parallel.fetch_global(
             _beam_search_jit(
                 params, batch, model_config=model_config, beam_size=beam_size, alpha=alpha, max_len=max_len
             )
@@ -116,6 +122,7 @@ def translation_quality(
     model_config: TransformerConfig,
     eval_config,
     batch_multiple: int = 1,
+    mesh: Mesh | None = None,
 ) -> tuple[dict[str, float], list]:
     """Translates ``(source, reference)`` pairs with beam search and scores them.
 
@@ -129,6 +136,7 @@ def translation_quality(
       model_config: the model's ``TransformerConfig``.
       eval_config: ``beam_size``, ``alpha``, ``extra_length`` and ``batch_size`` (the experiment's ``eval``).
       batch_multiple: decoding batches are a multiple of this (the number of batch shards).
+      mesh: decode with each batch split over this mesh (see ``translate_ids``).
 
     Returns:
       ``({"bleu": score} or {"exact_match": fraction}, hypotheses)``.
@@ -139,6 +147,7 @@ def translation_quality(
     outputs = translate_ids(
         params, sources, model_config=model_config, beam_size=eval_config.beam_size, alpha=eval_config.alpha,
         extra_length=eval_config.extra_length, batch_size=eval_config.batch_size, batch_multiple=batch_multiple,
+        mesh=mesh,
     )  # fmt: skip
     if tokenizer is None:
         matches = [np.array_equal(out, np.asarray(ref)) for out, (_, ref) in zip(outputs, pairs, strict=True)]

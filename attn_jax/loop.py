@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from attn_jax import checkpoint as ckpt_lib
 from attn_jax import config as config_lib
@@ -46,6 +47,7 @@ class Steps:
     put_batch: Callable
     put_state: Callable
     get_state: Callable  # device state -> state with global arrays (for checkpoints and decoding)
+    mesh: Mesh | None = None  # what decoding shards its batch over (None: pmap's state is per device)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -89,8 +91,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             log.warning("stopped early at step %d (time budget)", step)
         # The test split is scored in full by the final report; validation BLEU stays on its usual subset.
         results = _evaluate(config, model_config, steps, device_state, datasets, writer, step, bleu_limit=True)
-        if chief:
-            final_report(config, model_config, steps.get_state(device_state).params, datasets, workdir, results)
+        final_report(
+            config, model_config, steps.get_state(device_state).params, datasets, workdir, results, mesh=steps.mesh
+        )
         return results
     finally:
         writer.close()
@@ -106,9 +109,10 @@ def _train(
     metadata = _run_metadata(datasets)
 
     def save(step, metrics=None, force=False):
+        tree = _to_checkpoint(steps.get_state(device_state), dropout_rng, steps.mesh)
         checkpointer.save(
-            step, _to_checkpoint(steps.get_state(device_state), dropout_rng), data_state=datasets.train.get_state(),
-            config=json.loads(config.to_json_best_effort()), metadata=metadata, metrics=metrics, force=force,
+            step, tree, data_state=datasets.train.get_state(), config=json.loads(config.to_json_best_effort()),
+            metadata=metadata, metrics=metrics, force=force,
         )  # fmt: skip
 
     total = config.train.steps
@@ -183,7 +187,6 @@ def compile_steps(config, model_config, tx, mesh) -> Steps:
         raise config_lib.ConfigError(
             f"config.parallel.strategy: expected 'jit' or 'pmap', got {config.parallel.strategy!r}"
         )
-    batch_sharding = parallel.batch_sharding(mesh)
 
     def put_state(state):
         shardings = parallel.state_shardings(jax.eval_shape(lambda: state), mesh, tx)
@@ -192,9 +195,10 @@ def compile_steps(config, model_config, tx, mesh) -> Steps:
     return Steps(
         train=jax.jit(train_fn, donate_argnums=0),
         evaluate=jax.jit(eval_fn),
-        put_batch=lambda batch: jax.device_put(batch, batch_sharding),
+        put_batch=functools.partial(parallel.put_global_batch, mesh=mesh),
         put_state=put_state,
         get_state=lambda state: state,
+        mesh=mesh,
     )
 
 
@@ -264,11 +268,17 @@ def _warn_if_changed(restored: ckpt_lib.Restored, config, metadata: dict) -> Non
                 )  # fmt: skip
 
 
-def _to_checkpoint(state: TrainState, rng) -> dict:
-    """The saved tree: the state plus the dropout key's raw data (typed keys do not serialise)."""
-    rng_data = (
-        jax.ShapeDtypeStruct((2,), jnp.uint32) if isinstance(rng, jax.ShapeDtypeStruct) else jax.random.key_data(rng)
-    )
+def _to_checkpoint(state: TrainState, rng, mesh: Mesh | None = None) -> dict:
+    """The saved tree: the state plus the dropout key's raw data (typed keys do not serialise).
+
+    With a ``mesh`` the key data is replicated over it: Orbax saves only global arrays from several processes.
+    """
+    if isinstance(rng, jax.ShapeDtypeStruct):
+        rng_data = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    else:
+        rng_data = jax.random.key_data(rng)
+        if mesh is not None:
+            rng_data = jax.device_put(np.asarray(rng_data), NamedSharding(mesh, PartitionSpec()))
     return {"step": state.step, "params": state.params, "opt_state": state.opt_state, "rng": rng_data}
 
 
@@ -346,7 +356,7 @@ def _evaluate(config, model_config, steps, device_state, datasets, writer, step,
         pairs = datasets.validation_pairs[: config.eval.bleu_examples] if bleu_limit else datasets.validation_pairs
         quality, _ = translation_quality(
             steps.get_state(device_state).params, pairs, datasets.tokenizer, model_config=model_config,
-            eval_config=config.eval, batch_multiple=datasets.batch_multiple,
+            eval_config=config.eval, batch_multiple=datasets.batch_multiple, mesh=steps.mesh,
         )  # fmt: skip
         metrics |= quality
     writer.write(step, {k: v for k, v in metrics.items() if isinstance(v, int | float)}, split="eval")

@@ -7,10 +7,12 @@ does not divide by its mesh axis size is replicated instead, so one model runs o
 """
 
 import math
+import os
 
 import jax
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -128,3 +130,44 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def batch_divisor(mesh: Mesh) -> int:
     """The batch size must be a multiple of this (the number of batch shards)."""
     return math.prod(mesh.shape[a] for a in LOGICAL_RULES["batch"])
+
+
+def put_global_batch(batch, mesh: Mesh):
+    """This process's rows of a global batch -> global arrays split over ``data`` x ``fsdp``.
+
+    Each process passes its own contiguous block of rows (the data pipeline's per-host shard); on one process
+    that is the whole batch.
+    """
+    sharding = batch_sharding(mesh)
+    return jax.tree.map(lambda rows: jax.make_array_from_process_local_data(sharding, rows), batch)
+
+
+def put_replicated_host_batch(batch: np.ndarray, mesh: Mesh) -> jax.Array:
+    """A batch that every process holds in full (e.g. sentences to decode) -> one global array split over the
+    batch axes; each process contributes the rows of its own devices."""
+    return jax.make_array_from_callback(batch.shape, batch_sharding(mesh), lambda index: batch[index])
+
+
+def fetch_global(array: jax.Array) -> np.ndarray:
+    """The whole of a global array on every process (an all-gather when it spans several processes)."""
+    if array.is_fully_addressable:
+        return np.asarray(array)
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+def initialize_distributed(parallel_config) -> bool:
+    """``jax.distributed.initialize`` when the config asks for it or a launcher set ``JAX_COORDINATOR_ADDRESS``.
+
+    Must run before anything touches a device. Fields left at their defaults ("", 0, -1) are detected by JAX
+    (TPU pods, SLURM, Open MPI). Returns whether this is a multi-process run.
+    """
+    explicit = {
+        "coordinator_address": parallel_config.get("coordinator_address") or None,
+        "num_processes": parallel_config.get("num_processes") or None,
+        "process_id": None if parallel_config.get("process_id", -1) < 0 else parallel_config.process_id,
+    }
+    explicit = {key: value for key, value in explicit.items() if value is not None}
+    if not (parallel_config.get("distributed") or explicit or os.environ.get("JAX_COORDINATOR_ADDRESS")):
+        return False
+    jax.distributed.initialize(**explicit)
+    return True

@@ -7,7 +7,7 @@ import pathlib
 import jax
 import numpy as np
 
-from attn_jax import plots
+from attn_jax import parallel, plots
 from attn_jax.data.tokenizer import encode
 from attn_jax.evaluate import translate_ids, translation_quality
 from attn_jax.transformer import transformer
@@ -17,25 +17,34 @@ log = logging.getLogger(__name__)
 BOS_ID, EOS_ID = 2, 1
 
 
-def final_report(config, model_config, params, datasets, workdir: pathlib.Path, results: dict) -> dict:
-    """Scores the test split, prints samples, writes ``results.json`` and the PNGs under ``workdir/plots``."""
+def final_report(config, model_config, params, datasets, workdir: pathlib.Path, results: dict, *, mesh=None) -> dict:
+    """Scores the test split, prints samples, writes ``results.json`` and the PNGs under ``workdir/plots``.
+
+    Every process calls it (test decoding is split over ``mesh``); only process 0 prints and writes.
+    """
     report = {"validation": results}
+    chief = jax.process_index() == 0
     if config.task == "translation" and datasets.test_pairs:
         test, hypotheses = translation_quality(
             params, datasets.test_pairs, datasets.tokenizer, model_config=model_config,
-            eval_config=config.eval, batch_multiple=datasets.batch_multiple,
+            eval_config=config.eval, batch_multiple=datasets.batch_multiple, mesh=mesh,
         )  # fmt: skip
         report["test"] = test
-        _print_samples(datasets.test_pairs, hypotheses, config.eval.num_samples)
-        for name, value in test.items():
-            print(f"test {name}: {value:.4g} ({len(hypotheses)} sentences; BLEU is sacreBLEU on detokenized text)")
+        if chief:
+            _print_samples(datasets.test_pairs, hypotheses, config.eval.num_samples)
+            for name, value in test.items():
+                print(f"test {name}: {value:.4g} ({len(hypotheses)} sentences; BLEU is sacreBLEU on detokenized text)")
     report["data"] = datasets.report
+    plotted = config.eval.attention_plots if config.task == "translation" else 0
+    # Attention maps decode one sentence at a time: on process 0's device, from a host copy of the parameters.
+    host_params = jax.tree.map(parallel.fetch_global, params) if plotted else None
+    if not chief:
+        return report
     (workdir / "results.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
     plot_dir = workdir / "plots"
     plots.plot_learning_curves(workdir / "metrics.jsonl", plot_dir / "learning_curves.png")
-    if config.task == "translation":
-        for i, (source, _) in enumerate(datasets.validation_pairs[: config.eval.attention_plots]):
-            _plot_attention(params, model_config, config.eval, datasets.tokenizer, source, plot_dir / f"attention_{i}")
+    for i, (source, _) in enumerate(datasets.validation_pairs[:plotted]):
+        _plot_attention(host_params, model_config, config.eval, datasets.tokenizer, source, plot_dir / f"attention_{i}")
     log.info("plots written to %s", plot_dir)
     return report
 
