@@ -12,24 +12,23 @@ For T = S in 1024..8192 (and 16384 for "chunked" only), B=1, N=8, H=64, float32,
 8192), a ratio above 30 at T = S = 8192 (the issue asked for at most 1/10, later 1/30). It also sweeps the
 chunk sizes at 8192, which is how ``attn_jax.chunked``'s defaults were picked, and times the sizes up to
 ``--time-max-length``. Writes ``experiments/results/attention_memory.{json,md}``.
+
+The measuring lives in ``attn_jax.bench.attention``; this script keeps the sizes and the file format of its
+committed results. The suite's wider section (all lengths 128..16384, forward and forward+backward, the
+``jax.nn`` peer, plots) is ``python -m attn_jax.bench attention``.
 """
 
 import argparse
 import json
 import os
-import platform
 import sys
-import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-from attn_jax.attention import scaled_dot_product_attention
-from attn_jax.chunked import KEY_CHUNK_SIZE, QUERY_CHUNK_SIZE, chunked_attention
+from attn_jax.bench import attention, results
+from attn_jax.chunked import KEY_CHUNK_SIZE, QUERY_CHUNK_SIZE
 
 RESULTS = Path(__file__).parent / "results"
+_FIELDS = ("implementation", "T", "S", "temp_bytes", "argument_bytes", "output_bytes", "compile_s")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,83 +45,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def attention_fn(implementation: str, query_chunk_size: int | None = None, key_chunk_size: int | None = None):
-    """``(q, k, v) -> out`` through the public entry point, or ``chunked_attention`` with given chunks."""
-    if query_chunk_size is None:
-        return lambda q, k, v: scaled_dot_product_attention(q, k, v, implementation=implementation)
-
-    def chunked(q, k, v):
-        return chunked_attention(
-            q, k, v, mask=None, bias=None, causal=False, scale=q.shape[-1] ** -0.5, dropout_rate=0.0,
-            dropout_rng=None, query_chunk_size=query_chunk_size, key_chunk_size=key_chunk_size,
-        )  # fmt: skip
-
-    return chunked
-
-
-def forward_backward(attention):
-    """The gradient of ``sum(attention(q, k, v) * cotangent)`` w.r.t. ``q, k, v``, jitted."""
-
-    def loss(q, k, v, cotangent):
-        return jnp.sum(attention(q, k, v) * cotangent)
-
-    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-
-
-def compiled_memory(attention, shape) -> dict:
-    """Lowers and compiles forward+backward on abstract inputs; returns XLA's memory analysis in bytes."""
-    spec = jax.ShapeDtypeStruct(shape, jnp.float32)
-    start = time.perf_counter()
-    compiled = forward_backward(attention).lower(spec, spec, spec, spec).compile()
-    analysis = compiled.memory_analysis()
-    return {
-        "temp_bytes": int(analysis.temp_size_in_bytes),
-        "argument_bytes": int(analysis.argument_size_in_bytes),
-        "output_bytes": int(analysis.output_size_in_bytes),
-        "compile_s": round(time.perf_counter() - start, 2),
-    }
-
-
-def time_forward_backward(attention, shape, repeats: int = 3) -> float:
-    """Median wall time in seconds of one jitted forward+backward (after a warm-up call)."""
-    step = forward_backward(attention)
-    args = [jax.random.normal(r, shape, jnp.float32) for r in jax.random.split(jax.random.key(0), 4)]
-    jax.block_until_ready(step(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(step(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
 def measure(args: argparse.Namespace) -> list[dict]:
+    """Forward+backward rows in this script's format: ``{implementation, T, S, temp_bytes, ..., fwd_bwd_s}``."""
+    cases = [(n, ("xla", "chunked")) for n in args.lengths] + [(n, ("chunked",)) for n in args.chunked_only_lengths]
     rows = []
-    cases = [(n, impl) for n in args.lengths for impl in ("xla", "chunked")]
-    cases += [(n, "chunked") for n in args.chunked_only_lengths]
-    for length, implementation in cases:
-        shape = (args.batch, length, args.heads, args.head_dim)
-        row = {
-            "implementation": implementation,
-            "T": length,
-            "S": length,
-            **compiled_memory(attention_fn(implementation), shape),
-        }
-        if not args.no_timing and length <= args.time_max_length:
-            row["fwd_bwd_s"] = round(time_forward_backward(attention_fn(implementation), shape), 4)
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-    return rows
-
-
-def chunk_sweep(args: argparse.Namespace) -> list[dict]:
-    """Temporary memory of the chunked forward+backward at ``--sweep-length`` for several chunk sizes."""
-    shape = (args.batch, args.sweep_length, args.heads, args.head_dim)
-    rows = []
-    for cq, ck in [(256, 512), (512, 512), (512, 1024), (1024, 1024), (1024, 4096)]:
-        row = {"query_chunk_size": cq, "key_chunk_size": ck, **compiled_memory(attention_fn("chunked", cq, ck), shape)}
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+    for length, implementations in cases:
+        for row in attention.measure_length(
+            length, batch=args.batch, heads=args.heads, head_dim=args.head_dim, implementations=implementations,
+            passes=("fwd_bwd",), timed=not args.no_timing and length <= args.time_max_length,
+        ):  # fmt: skip
+            timing = {"fwd_bwd_s": round(row["time_s"], 4)} if "time_s" in row else {}
+            row = {k: row[k] for k in _FIELDS} | timing
+            print(json.dumps(row), flush=True)
+            rows.append(row)
     return rows
 
 
@@ -130,7 +65,7 @@ def to_markdown(result: dict) -> str:
     by_length: dict[int, dict[str, dict]] = {}
     for row in result["rows"]:
         by_length.setdefault(row["T"], {})[row["implementation"]] = row
-    mib = 2.0**20
+    mib = results.MIB
     lines = [
         "# Attention forward+backward: compiled temporary memory",
         "",
@@ -167,20 +102,14 @@ def to_markdown(result: dict) -> str:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    machine = results.machine()
+    given = sys.argv[1:] if argv is None else argv
     result = {
-        "command": " ".join([os.path.relpath(sys.executable), "-m", __spec__.name, *sys.argv[1:]])
-        if __spec__ is not None
-        else " ".join([os.path.relpath(sys.executable), *sys.argv]),
-        "jax_version": jax.__version__,
-        "backend": jax.default_backend(),
-        "device": str(jax.devices()[0].device_kind),
-        "machine": {
-            "platform": platform.platform(),
-            "machine": platform.machine(),
-            "processor": platform.processor(),
-            "python": platform.python_version(),
-            "cpu_count": os.cpu_count(),
-        },
+        "command": " ".join([os.path.relpath(sys.executable), "-m", "experiments.bench_attention_memory", *given]),
+        "jax_version": machine["versions"]["jax"],
+        "backend": machine["backend"],
+        "device": machine["device_kind"],
+        "machine": machine,
         "B": args.batch,
         "N": args.heads,
         "H": args.head_dim,
@@ -189,7 +118,9 @@ def main(argv=None) -> None:
         "key_chunk_size": KEY_CHUNK_SIZE,
         "rows": measure(args),
         "sweep_length": args.sweep_length,
-        "chunk_sweep": chunk_sweep(args),
+        "chunk_sweep": attention.chunk_sweep(
+            args.sweep_length, batch=args.batch, heads=args.heads, head_dim=args.head_dim
+        ),
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "attention_memory.json").write_text(json.dumps(result, indent=2) + "\n")

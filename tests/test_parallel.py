@@ -4,6 +4,8 @@ All strategies go through ``attn_jax.loop.compile_steps``, the code ``attn-jax t
 every strategy computes the same function; only the order of the cross-device sums differs.
 """
 
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -12,8 +14,11 @@ from attn_jax import checkpoint as ckpt_lib
 from attn_jax import config as config_lib
 from attn_jax import loop, parallel
 from attn_jax.config import load_experiment
+from attn_jax.decoding import beam_search, greedy_decode
+from attn_jax.evaluate import translate_ids
 from attn_jax.optim import make_optimizer, rsqrt_warmup_schedule
 from attn_jax.train import TrainState, init_train_state
+from attn_jax.transformer import init_transformer
 
 STEPS = 20
 BATCH, LENGTH, VOCAB = 16, 8, 32
@@ -132,3 +137,39 @@ def test_checkpoint_moves_between_meshes_bitwise_and_continues_with_the_same_los
         next_losses.append(float(metrics["loss"]))
     _, metrics = steps.train(state, steps.put_batch(batches[3]), jax.random.key(1))
     np.testing.assert_allclose(next_losses, [float(metrics["loss"])] * 2, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Decoding on the mesh
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mesh_shape", [{"data": 8}, {"data": 2, "fsdp": 2, "tensor": 2}])
+def test_greedy_and_beam_search_on_the_mesh_give_the_single_device_tokens(mesh_shape):
+    model_config = config_lib.model_config(_config("jit"), vocab_size=VOCAB)
+    params = init_transformer(jax.random.key(3), model_config)
+    mesh = parallel.make_mesh(mesh_shape)
+    sharded_params = jax.device_put(params, parallel.param_shardings(params, mesh))
+    sources = next(_batches())["inputs"]
+    sharded_sources = parallel.put_replicated_host_batch(sources, mesh)
+    assert len(sharded_sources.sharding.device_set) == 8 and not sharded_sources.sharding.is_fully_replicated
+    for decode in (
+        jax.jit(functools.partial(greedy_decode, config=model_config, max_len=10)),
+        jax.jit(lambda p, s: beam_search(p, s, config=model_config, beam_size=3, alpha=0.6, max_len=10)[0]),
+    ):
+        expected = np.asarray(decode(params, sources))
+        on_mesh = decode(sharded_params, sharded_sources)
+        assert not on_mesh.sharding.is_fully_replicated  # the batch stayed split: no device decoded it all
+        np.testing.assert_array_equal(parallel.fetch_global(on_mesh), expected)
+
+
+def test_translate_ids_on_the_mesh_matches_one_device():
+    model_config = config_lib.model_config(_config("jit"), vocab_size=VOCAB)
+    params = init_transformer(jax.random.key(4), model_config)
+    mesh = parallel.make_mesh({"data": 4, "tensor": 2})
+    sources = [np.append(row[: 3 + i % 5], 1).astype(np.int32) for i, row in enumerate(next(_batches())["inputs"])]
+    kwargs = dict(model_config=model_config, beam_size=2, extra_length=4, batch_size=8)
+    expected = translate_ids(params, sources, **kwargs)
+    got = translate_ids(jax.device_put(params, parallel.param_shardings(params, mesh)), sources, **kwargs,
+                        batch_multiple=parallel.batch_divisor(mesh), mesh=mesh)  # fmt: skip
+    assert [o.tolist() for o in got] == [o.tolist() for o in expected]
