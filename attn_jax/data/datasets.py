@@ -7,6 +7,7 @@ goes into checkpoints) and evaluation batches, plus the raw validation and test 
 
 import collections
 import dataclasses
+import functools
 import hashlib
 import pathlib
 from collections.abc import Callable, Iterator
@@ -14,6 +15,7 @@ from collections.abc import Callable, Iterator
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from attn_jax.data import tokenizer as tok
 from attn_jax.data.copy_task import CopySource
@@ -145,12 +147,18 @@ def _sources(config, workdir: pathlib.Path):
     else:
         sources = wmt14_sources(data.data_dir or None)
     keys = (data.source_key, data.target_key)
-    tokenizer = tok.load_or_train_tokenizer(
+    load_or_train = functools.partial(
+        tok.load_or_train_tokenizer,
         workdir / "tokenizer",
         lambda: tok.training_texts(sources["train"], keys=keys, max_examples=data.tokenizer_examples),
         vocab_size=data.vocab_size,
         model_type=data.tokenizer_type,
     )
+    if jax.process_count() > 1:  # process 0 trains (or finds) the model in the shared workdir; the rest read it
+        if jax.process_index() == 0:
+            load_or_train()
+        multihost_utils.sync_global_devices("attn_jax tokenizer")
+    tokenizer = load_or_train()
     encoder = text_pair_encoder(tokenizer, *keys, invalid_utf8=data.invalid_utf8)
     return sources, tokenizer, encoder, data.vocab_size
 
