@@ -40,5 +40,15 @@ train: $(STAMP)
 smoke: $(STAMP)
 	$(BIN)/attn-jax train --config experiments/tiny.py --workdir /tmp/attn_jax_smoke $(ARGS)
 
+# The benchmark suite (about an hour on 2 idle CPU cores; nothing else should run meanwhile). Results (JSON,
+# Markdown, PNG) go to experiments/results/. PyTorch CPU, the peer, comes with the `bench` extra.
+BENCH_STAMP := $(VENV)/.installed-bench
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e ".[dev,bench]"
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BIN)/attn-jax bench all --out experiments/results $(ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,9 +1,10 @@
-"""The ``attn-jax`` command line: ``train``, ``eval``, ``translate`` and ``average``. Intentionally thin.
+"""The ``attn-jax`` command line: ``train``, ``eval``, ``translate``, ``average`` and ``bench``. Intentionally thin.
 
     attn-jax train --config experiments/ding_en_de.py --workdir runs/ding_en_de [--config.train.steps=100]
     attn-jax eval --config experiments/ding_en_de.py --workdir runs/ding_en_de
     attn-jax translate --workdir runs/ding_en_de "Where is the station?"
     attn-jax average --workdir runs/ding_en_de --last 5
+    attn-jax bench all --out experiments/results        (see attn_jax/bench/cli.py)
 
 A configuration error prints one line naming the field and exits with status 2, before anything compiles.
 """
@@ -30,10 +31,17 @@ def _parser() -> argparse.ArgumentParser:
     average = commands.add_parser("average", help="average the parameters of the last K checkpoints")
     average.add_argument("--workdir", required=True)
     average.add_argument("--last", type=int, required=True)
+    # Parsed by attn_jax.bench.cli; listed here for --help.
+    commands.add_parser("bench", help="benchmarks: attention, train, decode, compile, scaling, pipeline, all")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        from attn_jax.bench.cli import main as bench
+
+        return bench(argv[1:])
     args, overrides = _parser().parse_known_args(argv)
     bad = [o for o in overrides if not o.startswith("--config.")]
     if bad:

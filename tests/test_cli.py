@@ -15,7 +15,6 @@ import pathlib
 import subprocess
 import sys
 
-import jax
 import pytest
 
 from attn_jax.main import main
@@ -178,8 +177,7 @@ def test_train_eval_translate_and_average_on_a_generated_ding_file(tmp_path, cap
     data = [f"--config.data.ding_file={ding_file}", f"--config.data.data_dir={tmp_path / 'tfds'}"]
     common = ["--config", DING, "--workdir", str(workdir), *data, *DING_OVERRIDES]
 
-    with jax.numpy_dtype_promotion("standard"):
-        assert main(["train", *common]) == 0
+    assert main(["train", *common]) == 0
     capsys.readouterr()
     assert (workdir / "tokenizer").is_dir()
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
@@ -188,27 +186,23 @@ def test_train_eval_translate_and_average_on_a_generated_ding_file(tmp_path, cap
     assert [r["step"] for r in records if r["split"] == "train"] == [5, 10]
     assert "bleu" in json.loads((workdir / "results.json").read_text())["test"]
 
-    with jax.numpy_dtype_promotion("standard"):
-        assert main(["eval", *common]) == 0
+    assert main(["eval", *common]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     assert {"loss", "accuracy", "perplexity", "bleu"} <= set(evaluated["validation"])
     assert 0.0 <= evaluated["test"]["bleu"] <= 100.0
 
     sentences = ["The dog sees the house today.", "Where is the station?", "The cat buys a letter now.", "Hello."]
-    with jax.numpy_dtype_promotion("standard"):
-        assert main(["translate", "--workdir", str(workdir), *sentences]) == 0
+    assert main(["translate", "--workdir", str(workdir), *sentences]) == 0
     out = capsys.readouterr().out
     assert out.endswith("\n") and len(out.splitlines()) == len(sentences), out
     # Without arguments it translates stdin, one line out per line in.
     stdin = "The child needs a book again.\nMy father finds the car.\n\nOur neighbour likes the garden now.\n"
     monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-    with jax.numpy_dtype_promotion("standard"):
-        assert main(["translate", "--workdir", str(workdir)]) == 0
+    assert main(["translate", "--workdir", str(workdir)]) == 0
     out = capsys.readouterr().out
     assert out.endswith("\n") and len(out.splitlines()) == 4, out  # the empty line too
 
-    with jax.numpy_dtype_promotion("standard"):
-        assert main(["average", "--workdir", str(workdir), "--last", "2"]) == 0
+    assert main(["average", "--workdir", str(workdir), "--last", "2"]) == 0
     assert "[5, 10]" in capsys.readouterr().out
     assert (workdir / "checkpoints" / "averaged" / "10").is_dir()
     # The training run's own checkpoints are untouched.

@@ -24,7 +24,6 @@ import sys
 import traceback
 import warnings
 
-import jax
 import pytest
 
 from attn_jax import checkpoint as ckpt_lib
@@ -37,13 +36,6 @@ TINY = str(ROOT / "experiments" / "tiny.py")
 COPY = str(ROOT / "experiments" / "copy_task.py")
 # tiny.py with a shorter run: 4 steps, every step logged, an evaluation and a checkpoint every 2 steps.
 TINY_OVERRIDES = ["train.steps=4", "train.log_every=1", "train.eval_every=2", "train.checkpoint_every=2"]
-
-
-@pytest.fixture(autouse=True)
-def standard_dtype_promotion():
-    # optax's adam mixes weakly typed Python scalars in ways the strict mode rejects.
-    with jax.numpy_dtype_promotion("standard"):
-        yield
 
 
 def _loop():
@@ -59,8 +51,7 @@ def _train(spec: str, workdir, *overrides: str) -> dict:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ResourceWarning)
         try:
-            with jax.numpy_dtype_promotion("standard"):
-                return _loop().train_and_evaluate(load_experiment(spec, list(overrides)), str(workdir))
+            return _loop().train_and_evaluate(load_experiment(spec, list(overrides)), str(workdir))
         except Exception:  # reported below, with its traceback
             message = traceback.format_exc(limit=-8)
         gc.collect()
