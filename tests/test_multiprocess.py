@@ -38,7 +38,6 @@ def _run_two_processes(workdir, steps: int) -> list[str]:
     """``attn-jax train`` as processes 0 and 1 of one distributed run; returns their stderr."""
     address = f"127.0.0.1:{_free_port()}"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    env["ATTN_JAX_COMPILATION_CACHE"] = ""
     env.pop("PYTEST_CURRENT_TEST", None)
     overrides = [f"--config.{o}" for o in (*OVERRIDES, f"train.steps={steps}")]
     processes = [

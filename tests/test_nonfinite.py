@@ -84,7 +84,7 @@ def _out_of_vocabulary(batch):
 def test_nan_batch_stops_naming_the_step_and_keeping_the_batch_and_the_last_good_checkpoint(tmp_path, monkeypatch):
     built = _corrupt_data(monkeypatch, lambda step, batch: _out_of_vocabulary(batch) if step == 3 else batch)
     # Metrics are fetched only every 100 steps, but the step-4 save must not happen past the bad step 3.
-    with pytest.raises(loop.NonFiniteError, match=r"at step 3\b") as raised:
+    with pytest.raises(loop.NonFiniteError, match=r"at step 3\b.*nonfinite=skip") as raised:
         _run(tmp_path, "train.steps=6", "train.log_every=100", "train.checkpoint_every=2")
     dumped = tmp_path / "nonfinite" / "step_3.npz"
     assert str(dumped) in str(raised.value)
@@ -161,12 +161,6 @@ def _terminate_at(step, iterator, real_next):
     if iterator._step == step:
         os.kill(os.getpid(), signal.SIGTERM)
     return batch
-
-
-def test_nan_gradient_under_raise_names_the_step(tmp_path, monkeypatch):
-    _poison_gradients(monkeypatch, {2})
-    with pytest.raises(loop.NonFiniteError, match=r"at step 2\b.*nonfinite=skip"):
-        _run(tmp_path, "train.steps=4", "train.log_every=1")
 
 
 # ---------------------------------------------------------------------------------------------------------
