@@ -29,6 +29,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from absl import flags
 from orbax.checkpoint import checkpoint_managers as ocp_managers
 
 logger = logging.getLogger(__name__)
@@ -114,6 +115,17 @@ class _QuietUnrankedSaves(logging.Filter):
 logging.getLogger("absl").addFilter(_QuietUnrankedSaves())
 
 
+def _use_coordination_barriers() -> None:
+    """Makes Orbax synchronise processes through the coordination service rather than a device collective.
+
+    A collective barrier fails when one process arrives more than 30 s after another (see
+    ``parallel.barrier``): creating the checkpoint directory while another process still compiles is enough.
+    Orbax reads this as an absl flag; attn-jax parses no absl flags, so it is set directly.
+    """
+    flag = flags.FLAGS["experimental_orbax_use_distributed_barrier"]
+    flag.value, flag.present = True, 1
+
+
 class Checkpointer:
     """Saves and restores the training state with retention, async writes and fallback past corrupt steps.
 
@@ -166,6 +178,8 @@ class Checkpointer:
         if best_mode not in ("max", "min"):
             raise ValueError(f'best_mode must be "max" or "min", got {best_mode!r}')
         self.directory = _absolute(directory)
+        if jax.process_count() > 1:
+            _use_coordination_barriers()
         self._corrupt_steps: set[int] = set()
         worst = -math.inf if best_mode == "max" else math.inf
 

@@ -76,6 +76,7 @@ def translate_ids(
     order = np.argsort([len(s) for s in sources], kind="stable")
     outputs: list[np.ndarray] = [np.zeros(0, np.int32)] * len(sources)
     batch_size = max(batch_multiple, batch_size // batch_multiple * batch_multiple)
+    decode = _beam_search_jit if mesh is None else parallel.lockstep(_beam_search_jit, "beam_search")
     for start in range(0, len(order), batch_size):
         chosen = order[start : start + batch_size]
         src_len = min(_bucket_length(max(len(sources[i]) for i in chosen)), model_config.max_len)
@@ -86,9 +87,7 @@ def translate_ids(
         max_len = min(src_len + extra_length, model_config.max_len)
         batch = batch if mesh is None else parallel.put_replicated_host_batch(batch, mesh)
         best = parallel.fetch_global(
-            _beam_search_jit(
-                params, batch, model_config=model_config, beam_size=beam_size, alpha=alpha, max_len=max_len
-            )
+            decode(params, batch, model_config=model_config, beam_size=beam_size, alpha=alpha, max_len=max_len)
         )
         for row, i in enumerate(chosen):
             outputs[i] = _strip(best[row])

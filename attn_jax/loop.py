@@ -193,8 +193,8 @@ def compile_steps(config, model_config, tx, mesh) -> Steps:
         return jax.device_put(state, shardings)
 
     return Steps(
-        train=jax.jit(train_fn, donate_argnums=0),
-        evaluate=jax.jit(eval_fn),
+        train=parallel.lockstep(jax.jit(train_fn, donate_argnums=0), "train_step"),
+        evaluate=parallel.lockstep(jax.jit(eval_fn), "eval_step"),
         put_batch=functools.partial(parallel.put_global_batch, mesh=mesh),
         put_state=put_state,
         get_state=lambda state: state,
@@ -212,7 +212,8 @@ def _pmap_steps(train_fn, eval_fn) -> Steps:
 
     train = jax.pmap(functools.partial(train_fn, axis_name=axis), axis_name=axis, donate_argnums=0,
                      in_axes=(0, 0, None))  # fmt: skip
-    evaluate = jax.pmap(functools.partial(eval_fn, axis_name=axis), axis_name=axis)
+    train = parallel.lockstep(train, "train_step")
+    evaluate = parallel.lockstep(jax.pmap(functools.partial(eval_fn, axis_name=axis), axis_name=axis), "eval_step")
     return Steps(
         train=lambda state, batch, rng: _first_metrics(train(state, batch, rng)),
         evaluate=lambda params, batch: jax.tree.map(lambda x: x[0], evaluate(params, batch)),

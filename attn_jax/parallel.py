@@ -15,6 +15,8 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from attn_jax import hosts
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
@@ -171,3 +173,43 @@ def initialize_distributed(parallel_config) -> bool:
         return False
     jax.distributed.initialize(**explicit)
     return True
+
+
+_lockstep_seen: dict[str, set] = {}  # name -> signatures already run
+
+
+def lockstep(jitted, name: str):
+    """``jitted`` (a ``jax.jit`` or ``jax.pmap``) whose first call at each new signature starts on every process
+    together: compile ahead of time, ``hosts.barrier``, then run; with one process, ``jitted`` itself.
+
+    Otherwise a process that compiles more than 30 s longer than another fails the run in its first collective.
+    Every process must make the same calls in the same order, as SPMD code does. ``name`` identifies ``jitted``
+    for the run, so wrapping it again is cheap.
+    """
+    if jax.process_count() == 1:
+        return jitted
+    seen = _lockstep_seen.setdefault(name, set())
+
+    def call(*args, **kwargs):
+        key = _signature((args, kwargs))
+        if key not in seen:
+            jitted.lower(*args, **kwargs).compile()  # the call below finds it in the compilation cache
+            hosts.barrier(name)
+            seen.add(key)
+        return jitted(*args, **kwargs)
+
+    return call
+
+
+def _signature(tree) -> tuple:
+    """What a jit cache is keyed on: tree structure, each array's shape/dtype/weak type/sharding, other values."""
+    leaves, treedef = jax.tree.flatten(tree)
+
+    def leaf_key(leaf):
+        if isinstance(leaf, jax.Array):
+            return (jax.typeof(leaf), leaf.sharding)  # the type holds shape, dtype and weak type
+        if isinstance(leaf, np.ndarray | np.generic):
+            return (leaf.shape, leaf.dtype)
+        return (type(leaf), leaf)
+
+    return (treedef, *map(leaf_key, leaves))

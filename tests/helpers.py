@@ -1,5 +1,8 @@
 """Small shared test utilities."""
 
+import os
+import re
+
 import jax
 import numpy as np
 
@@ -14,3 +17,13 @@ def assert_trees_allclose(actual, expected, *, rtol=1e-5, atol=1e-6):
         np.testing.assert_allclose(
             np.asarray(a), np.asarray(e), rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path)
         )
+
+
+def subprocess_env(device_count: int, *, fast_compile: bool = True, **variables: str) -> dict[str, str]:
+    """This process's environment for a subprocess with ``device_count`` simulated CPU devices and ``variables``
+    set, keeping the test run's other XLA flags; ``fast_compile=False`` drops conftest's unoptimised LLVM."""
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+\s*", "", os.environ.get("XLA_FLAGS", ""))
+    if not fast_compile:
+        flags = re.sub(r"--xla_backend_optimization_level=\d+\s*", "", flags)
+    flags = f"--xla_force_host_platform_device_count={device_count} {flags}".strip()
+    return dict(os.environ, XLA_FLAGS=flags, **variables)

@@ -25,13 +25,6 @@ DING = str(ROOT / "experiments" / "ding_en_de.py")
 GLOBAL_NORM_DEPRECATION = "ignore:optax.global_norm is deprecated:DeprecationWarning"
 
 
-@pytest.fixture(autouse=True)
-def no_persistent_compilation_cache(monkeypatch):
-    """``main`` points JAX's process-wide compilation cache at ~/.cache/attn_jax/xla unless this variable says
-    otherwise; a test must neither write there nor change JAX's configuration for the tests after it."""
-    monkeypatch.setenv("ATTN_JAX_COMPILATION_CACHE", "")
-
-
 def _config_error(capsys, argv: list[str], *fragments: str) -> str:
     """Runs ``main(argv)``, expects status 2 and one ``attn-jax: config error:`` line naming ``fragments``."""
     status = main(argv)

@@ -116,8 +116,7 @@ def test_clean_text_replaces_invalid_utf8_as_python_does():
     assert clean_text("schön".encode()) == ("schön", ())
 
 
-def test_cli_reports_a_data_error_in_one_line(corrupt_wmt, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("ATTN_JAX_COMPILATION_CACHE", "")
+def test_cli_reports_a_data_error_in_one_line(corrupt_wmt, tmp_path, capsys):
     spec = tmp_path / "corrupt.py"  # an experiment file holding this module's config
     spec.write_text(f"from attn_jax import defaults\n\n{inspect.getsource(_config)}\nget_config = _config\n")
     argv = ["train", "--config", str(spec), "--workdir", str(tmp_path / "run"), "--config.data.invalid_utf8=error"]

@@ -16,7 +16,6 @@ import importlib
 import json
 import logging
 import math
-import os
 import pathlib
 import shutil
 import subprocess
@@ -30,6 +29,7 @@ from attn_jax import checkpoint as ckpt_lib
 from attn_jax.checkpoint import Checkpointer, environment_metadata
 from attn_jax.config import load_experiment
 from attn_jax.metrics import read_metrics
+from tests.helpers import subprocess_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "experiments" / "tiny.py")
@@ -150,7 +150,7 @@ def test_restore_params_returns_the_newest_checkpoints_parameters(tiny_run):
 def test_a_checkpoint_is_evaluated_on_a_different_number_of_devices(tiny_run, tmp_path):
     """Trained on 8 (simulated) devices, evaluated by a process with 1, as ``attn-jax eval`` (and ``translate``,
     ``average``) run after training on another machine."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", ATTN_JAX_COMPILATION_CACHE="")
+    env = subprocess_env(1)
     command = [sys.executable, "-m", "attn_jax", "eval", "--config", TINY, "--workdir", str(tiny_run[0])]
     command += [f"--config.{override}" for override in TINY_OVERRIDES]
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600, check=False)
@@ -194,15 +194,21 @@ def test_second_run_resumes_from_the_newest_checkpoint(tiny_run, tmp_path, caplo
 
 
 # copy_task.py as shipped (d_model 64, 2+2 layers, beam 4) on sequences of 4 to 6 tokens, 400 steps: about 80 s
-# on 2 loaded CPU cores (the shipped 1200 steps on up to 12 tokens take about 5 minutes there).
+# on 2 loaded CPU cores (the shipped 1200 steps on up to 12 tokens take about 5 minutes there). It runs as
+# `attn-jax train` with XLA's default optimisation: 400 steps run longer than they compile, and the last
+# sequence or two of the 99% depends on the rounding of the run a user makes.
 COPY_SPEC = f"{COPY}:steps=400"
 COPY_OVERRIDES = ["data.copy.max_length=6", "eval.attention_plots=0"]
 
 
 @pytest.mark.slow
 def test_copy_task_reaches_99_percent_exact_match_on_held_out_sequences(tmp_path):
-    results = _train(COPY_SPEC, tmp_path, *COPY_OVERRIDES)
+    command = [sys.executable, "-m", "attn_jax", "train", "--config", COPY_SPEC, "--workdir", str(tmp_path)]
+    command += [f"--config.{override}" for override in COPY_OVERRIDES]
+    env = subprocess_env(8, fast_compile=False)
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
     saved = json.loads((tmp_path / "results.json").read_text())
     # 256 validation and 256 test sequences, drawn from other seeds than the training ones.
-    assert results["exact_match"] >= 0.99, results
+    assert saved["validation"]["exact_match"] >= 0.99, saved["validation"]
     assert saved["test"]["exact_match"] >= 0.99, saved["test"]

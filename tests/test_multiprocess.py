@@ -8,7 +8,6 @@ process on its 8 devices: same global batches in the same row order, so the loss
 parameters agree to float32 reduction-order noise.
 """
 
-import os
 import pathlib
 import socket
 import subprocess
@@ -22,9 +21,14 @@ from attn_jax import loop
 from attn_jax.checkpoint import Checkpointer
 from attn_jax.config import load_experiment
 from attn_jax.metrics import read_metrics
+from tests.helpers import subprocess_env
 
 TINY = str(pathlib.Path(__file__).resolve().parents[1] / "experiments" / "tiny.py")
-OVERRIDES = ["train.log_every=1", "train.checkpoint_every=2", "train.eval_every=1000", "eval.beam_size=1"]
+# One batch shape (sequences of 4 to 7 tokens + EOS): one train-step compile per run.
+OVERRIDES = [
+    "train.log_every=1", "train.checkpoint_every=2", "train.eval_every=1000", "eval.beam_size=1",
+    "data.max_length=8", "data.copy.max_length=7",
+]  # fmt: skip
 FIRST, TOTAL = 4, 6  # the two-process run stops at FIRST, then resumes to TOTAL
 
 
@@ -34,18 +38,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_two_processes(workdir, steps: int) -> list[str]:
-    """``attn-jax train`` as processes 0 and 1 of one distributed run; returns their stderr."""
+# Process 1 traces its train step this much later than process 0, as a slow compile on a busy host would: longer
+# than the 30 s XLA gives a Gloo communicator to assemble, so the first step fails unless the processes meet at a
+# barrier after compiling (parallel.lockstep).
+LAG_SECONDS = 35
+_LAGGING = (
+    "import sys, time; from attn_jax import loop, main; step = loop.train_step; "
+    f"loop.train_step = lambda *a, **k: (time.sleep({LAG_SECONDS}), step(*a, **k))[1]; sys.argv[0] = 'attn-jax'; "
+    "main.run()"
+)
+
+
+def _run_two_processes(workdir, steps: int, lag: bool = False) -> list[str]:
+    """``attn-jax train`` as processes 0 and 1 of one distributed run (``lag``: process 1 traces its train step
+    ``LAG_SECONDS`` late); returns their stderr."""
     address = f"127.0.0.1:{_free_port()}"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env = subprocess_env(4, JAX_PLATFORMS="cpu")
     env.pop("PYTEST_CURRENT_TEST", None)
     overrides = [f"--config.{o}" for o in (*OVERRIDES, f"train.steps={steps}")]
     processes = [
         subprocess.Popen(
             [
                 sys.executable,
-                "-m",
-                "attn_jax",
+                *(["-c", _LAGGING] if lag and index == 1 else ["-m", "attn_jax"]),
                 "train",
                 "--config",
                 TINY,
@@ -87,7 +102,7 @@ def _final_params(workdir):
 def test_two_processes_train_checkpoint_and_resume_like_one_process(tmp_path):
     assert jax.device_count() == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8 (make test)"
     two = tmp_path / "two_processes"
-    _run_two_processes(two, FIRST)
+    _run_two_processes(two, FIRST, lag=True)
     with Checkpointer(two / "checkpoints", read_only=True) as checkpointer:
         assert checkpointer.all_steps() == [2, 4]
     assert sorted(_train_losses(two)) == [1, 2, 3, 4]

@@ -21,6 +21,7 @@ from attn_jax.checkpoint import Checkpointer
 from attn_jax.config import load_experiment
 from attn_jax.loop import abstract_checkpoint
 from attn_jax.metrics import read_metrics
+from tests.helpers import subprocess_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SPEC = str(ROOT / "experiments" / "tiny.py")
@@ -40,7 +41,7 @@ def _command(workdir) -> list[str]:
 
 
 def _env() -> dict:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    env = subprocess_env(1, JAX_PLATFORMS="cpu")
     env.pop("PYTEST_CURRENT_TEST", None)
     return env
 

@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterator
 import jax
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 
+from attn_jax import hosts
 from attn_jax.data import tokenizer as tok
 from attn_jax.data.copy_task import CopySource
 from attn_jax.data.ding import ding_sources
@@ -157,7 +157,7 @@ def _sources(config, workdir: pathlib.Path):
     if jax.process_count() > 1:  # process 0 trains (or finds) the model in the shared workdir; the rest read it
         if jax.process_index() == 0:
             load_or_train()
-        multihost_utils.sync_global_devices("attn_jax tokenizer")
+        hosts.barrier("tokenizer")
     tokenizer = load_or_train()
     encoder = text_pair_encoder(tokenizer, *keys, invalid_utf8=data.invalid_utf8)
     return sources, tokenizer, encoder, data.vocab_size
