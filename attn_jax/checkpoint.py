@@ -119,7 +119,7 @@ def _use_coordination_barriers() -> None:
     """Makes Orbax synchronise processes through the coordination service rather than a device collective.
 
     A collective barrier fails when one process arrives more than 30 s after another (see
-    ``parallel.barrier``): creating the checkpoint directory while another process still compiles is enough.
+    ``hosts.barrier``): creating the checkpoint directory while another process still compiles is enough.
     Orbax reads this as an absl flag; attn-jax parses no absl flags, so it is set directly.
     """
     flag = flags.FLAGS["experimental_orbax_use_distributed_barrier"]

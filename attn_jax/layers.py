@@ -138,11 +138,37 @@ def embed(
 def shared_logits(params: EmbeddingParams, x: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
     """The pre-softmax linear transformation through the (shared) embedding matrix: x E^T.
 
+    Reverse-mode only (``jax.grad``, not ``jax.jvp``): its gradient is written by hand, see ``_logits_bwd``.
+
     Example:
       >>> shared_logits({"embedding": jnp.eye(3)}, jnp.array([[[1.0, 2.0, 3.0]]])).tolist()
       [[[1.0, 2.0, 3.0]]]
     """
-    return jnp.einsum("BTD,VD->BTV", x, params["embedding"].astype(x.dtype))
+    return _logits(params["embedding"].astype(x.dtype), x)
+
+
+@jax.custom_vjp
+def _logits(table: Float[Array, "V D"], x: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
+    return jnp.einsum("BTD,VD->BTV", x, table)
+
+
+def _logits_fwd(table, x):
+    return _logits(table, x), (table, x)
+
+
+def _logits_bwd(residuals, d_logits: Float[Array, "B T V"]):
+    """d table = dlogits^T x, computed as (x^T dlogits)^T.
+
+    Autodiff's form makes XLA:CPU materialise the [V, B*T] transpose of dlogits, the step's largest array: 12% of
+    the small benchmark's training step (experiments/results/NOTES.md). This form transposes only x and the
+    [D, V] product.
+    """
+    table, x = residuals
+    d_table = jnp.einsum("BTD,BTV->DV", x, d_logits).T
+    return d_table, jnp.einsum("BTV,VD->BTD", d_logits, table)
+
+
+_logits.defvjp(_logits_fwd, _logits_bwd)
 
 
 # ----------------------------------------------------------------------------------------------------------

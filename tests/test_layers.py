@@ -242,6 +242,15 @@ def test_shared_logits_matches_reference():
     np.testing.assert_allclose(np.asarray(out), expected, rtol=RTOL, atol=ATOL)
 
 
+def test_shared_logits_gradients_match_reference():
+    """The hand-written backward pass: d table = g^T x and d x = g E, summed over B and T, in float64 NumPy."""
+    table, x, g = _normal(44, (V, D)), _normal(45, (B, T, D)), _normal(46, (B, T, V))
+    d_table, d_x = jax.grad(lambda t, x: jnp.sum(shared_logits({"embedding": t}, x) * g), argnums=(0, 1))(table, x)
+    g64, x64, t64 = (np.asarray(a, np.float64) for a in (g, x, table))
+    np.testing.assert_allclose(np.asarray(d_table), np.einsum("btv,btd->vd", g64, x64), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(np.asarray(d_x), np.einsum("btv,vd->btd", g64, t64), rtol=RTOL, atol=ATOL)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Positions
 # ---------------------------------------------------------------------------------------------------------
