@@ -26,10 +26,9 @@ _OWNS_CACHE = "ATTN_JAX_TESTS_XLA_CACHE" not in os.environ
 if _OWNS_CACHE:
     os.environ["ATTN_JAX_TESTS_XLA_CACHE"] = tempfile.mkdtemp(prefix="attn_jax_tests_xla_")
 COMPILATION_CACHE = os.environ["ATTN_JAX_TESTS_XLA_CACHE"]
-if not os.environ.get("ATTN_JAX_TEST_NOCACHE"):
-    os.environ["ATTN_JAX_COMPILATION_CACHE"] = COMPILATION_CACHE  # read by attn_jax.main, here and in subprocesses
-    jax.config.update("jax_compilation_cache_dir", COMPILATION_CACHE)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)  # attn_jax.main's threshold
+os.environ["ATTN_JAX_COMPILATION_CACHE"] = COMPILATION_CACHE  # read by attn_jax.main, here and in subprocesses
+jax.config.update("jax_compilation_cache_dir", COMPILATION_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)  # attn_jax.main's threshold
 
 
 import jaxtyping  # noqa: E402
