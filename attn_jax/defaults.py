@@ -37,7 +37,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.beam_size = 4  # paper: 4
     c.eval.alpha = 0.6  # length penalty ((5 + len) / 6)^alpha (paper: 0.6)
     c.eval.extra_length = 50  # maximum output length = input length + this (paper: 50)
-    c.eval.bleu_examples = 500  # validation sentences translated at each evaluation during training
+    c.eval.bleu_examples = 500  # validation sentences translated at each evaluation during training; 0 = loss only
     c.eval.batch_size = 64  # sentences per decoding batch
     c.eval.num_samples = 5  # sample translations printed and logged
     c.eval.attention_plots = 3  # validation sentences whose attention is plotted at the end

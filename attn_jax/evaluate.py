@@ -110,6 +110,8 @@ def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     """
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} references")
+    if not hypotheses:
+        raise ValueError("BLEU of no sentences is undefined")
     return float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score)
 
 

@@ -353,8 +353,8 @@ def _evaluate(config, model_config, steps, device_state, datasets, writer, step,
     """Validation loss/accuracy/perplexity and, for translation, BLEU (a subset during training)."""
     params = device_state.params
     metrics = evaluate_loss(steps.evaluate, params, map(steps.put_batch, datasets.eval_batches()))
-    if config.task == "translation":
-        pairs = datasets.validation_pairs[: config.eval.bleu_examples] if bleu_limit else datasets.validation_pairs
+    pairs = datasets.validation_pairs[: config.eval.bleu_examples] if bleu_limit else datasets.validation_pairs
+    if config.task == "translation" and pairs:  # bleu_examples = 0: loss only during training
         quality, _ = translation_quality(
             steps.get_state(device_state).params, pairs, datasets.tokenizer, model_config=model_config,
             eval_config=config.eval, batch_multiple=datasets.batch_multiple, mesh=steps.mesh,

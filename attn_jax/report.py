@@ -32,8 +32,9 @@ def final_report(config, model_config, params, datasets, workdir: pathlib.Path, 
         report["test"] = test
         if chief:
             _print_samples(datasets.test_pairs, hypotheses, config.eval.num_samples)
+            how = {"bleu": "; sacreBLEU on detokenized text"}
             for name, value in test.items():
-                print(f"test {name}: {value:.4g} ({len(hypotheses)} sentences; BLEU is sacreBLEU on detokenized text)")
+                print(f"test {name}: {value:.4g} ({len(hypotheses)} sentences{how.get(name, '')})")
     report["data"] = datasets.report
     plotted = config.eval.attention_plots if config.task == "translation" else 0
     # Attention maps decode one sentence at a time: on process 0's device, from a host copy of the parameters.

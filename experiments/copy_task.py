@@ -3,7 +3,8 @@
     attn-jax train --config experiments/copy_task.py --workdir runs/copy
     attn-jax train --config experiments/copy_task.py:reverse --workdir runs/reverse
 
-About 1-2 minutes on 2 CPU cores; held-out exact match reaches 100% (tests require >= 99%).
+Measured on 2 CPU cores (2026-11-22): 2 min 16 s for the 1200 steps and the evaluation; held-out exact
+match 99.6% on validation and on test (255 of 256 sequences each; tests require >= 99%).
 A sanity check of the whole path (data, model, loss, schedule, beam search) with no files to fetch.
 """
 

@@ -146,6 +146,16 @@ def test_restore_params_returns_the_newest_checkpoints_parameters(tiny_run):
         assert checkpointer.latest_step() == 4
 
 
+def test_bleu_examples_zero_evaluates_loss_only_during_training_and_scores_the_test_split_at_the_end(tmp_path):
+    results = _train(TINY, tmp_path, "train.steps=2", "train.eval_every=1", "eval.bleu_examples=0")
+    evals = _records(tmp_path, "eval")
+    assert [r["step"] for r in evals] == [1, 2]
+    for record in evals:
+        assert "loss" in record and "exact_match" not in record
+    assert "exact_match" not in results
+    assert 0.0 <= json.loads((tmp_path / "results.json").read_text())["test"]["exact_match"] <= 1.0
+
+
 @pytest.mark.slow
 def test_a_checkpoint_is_evaluated_on_a_different_number_of_devices(tiny_run, tmp_path):
     """Trained on 8 (simulated) devices, evaluated by a process with 1, as ``attn-jax eval`` (and ``translate``,
