@@ -1,4 +1,4 @@
-"""The benchmark suite: FLOP accounting against XLA's own count, the peers' parameter counts, one quick run.
+"""The benchmark suite: FLOP accounting against XLA's own count, the peers' parameter counts, quick runs.
 
 No timing is asserted: these tests check that the suite measures the right thing, not how fast it is.
 """
@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attn_jax.bench import flops, peers
+from attn_jax.bench import accelerator, flops, peers
 from attn_jax.bench.cli import main
-from attn_jax.bench.training import optimizer, synthetic_batch
+from attn_jax.bench.training import QUICK, optimizer, synthetic_batch
 from attn_jax.model_config import TransformerConfig
 from attn_jax.train import forward, init_train_state, train_step
 from attn_jax.transformer import count_params, init_transformer
@@ -132,3 +132,37 @@ def test_quick_train_run_reports_tokens_per_second_and_mfu(tmp_path):
     if not peers.torch_available():
         assert row["implementations"]["torch"] == {"skipped": "torch not installed"}
     assert (tmp_path / "train.md").exists() and (tmp_path / "train.png").exists()
+
+
+@pytest.mark.slow  # ~10 s on 2 cores: one bf16 training step compiles
+def test_quick_accelerator_run_reports_bf16_mfu_against_the_given_peak(tmp_path):
+    assert main(["accelerator", "--quick", "--peak-tflops", "0.5", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "accelerator.json").read_text())
+    assert report["peak_bf16_flops_per_s"] == 0.5e12
+    (row,) = report["rows"]
+    assert row["dtype"] == "bfloat16"
+    config = TransformerConfig(**QUICK, max_len=64, dtype="bfloat16")
+    batch = synthetic_batch(config, row["batch"]["size"], row["batch"]["source_length"], row["batch"]["target_length"])
+    assert row["flops_per_step"] == flops.batch_flops(config, batch).train
+    assert row["mfu"] == pytest.approx(row["flops_per_step"] / row["step_s"] / 0.5e12, rel=1e-12)
+    assert row["hours_per_100k_steps"] == pytest.approx(row["step_s"] * 100_000 / 3600, rel=1e-12)
+    assert "0.5 TFLOP/s dense bf16" in (tmp_path / "accelerator.md").read_text()
+
+
+def test_accelerator_peaks_and_targets_by_device_kind():
+    assert accelerator.peak_flops("NVIDIA H100 80GB HBM3") == 989.4e12
+    assert accelerator.peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert accelerator.peak_flops("NVIDIA H200") == 989.4e12
+    assert accelerator.peak_flops("TPU v5 lite") == 197e12
+    assert accelerator.peak_flops("TPU v5p") == 459e12
+    assert accelerator.peak_flops("cpu") is None and accelerator.peak_flops("cpu", 2.0) == 2e12
+    base = {"size": "base", "mfu": 0.40, "hours_per_100k_steps": 0.9}
+    big = {"size": "big", "mfu": 0.40, "hours_per_100k_steps": 2.5}
+    on_h100 = {c["name"]: c["passed"] for c in accelerator.checks([base, big], "NVIDIA H100 80GB HBM3")}
+    assert on_h100 == {
+        "bf16 MFU, base": True,
+        "hours for 100k base steps, one H100": True,
+        "bf16 MFU, big": False,
+    }
+    elsewhere = accelerator.checks([{**base, "mfu": None}], "NVIDIA A100-SXM4-80GB")
+    assert [c["passed"] for c in elsewhere] == [None, None]

@@ -7,12 +7,14 @@
     .venv/bin/python -m attn_jax.bench compile --layers 6 12 24
     .venv/bin/python -m attn_jax.bench scaling --devices 1 2 4 8
     .venv/bin/python -m attn_jax.bench pipeline --steps 40
+    .venv/bin/python -m attn_jax.bench accelerator --configs base big    # bf16 on a GPU/TPU: MFU, 100k steps
     .venv/bin/python -m attn_jax.bench train --quick --out /tmp/bench      # tiny sizes, seconds (tests)
 
 Each section writes ``<name>.json`` (machine, versions, command, timestamp, raw numbers, the issue's targets
 with pass/fail), ``<name>.md`` and PNG plots under ``--out``, and prints its targets. Estimated times on the
-2-core CPU (idle): attention ~10 min, train ~10, decode ~15, compile ~10, scaling ~10, pipeline ~3. ``--quick``
-shrinks every size to a toy one and compiles without LLVM optimisation: for tests of the suite, not results.
+2-core CPU (idle): attention ~10 min, train ~10, decode ~15, compile ~10, scaling ~10, pipeline ~3. ``all``
+adds ``accelerator`` when JAX's backend is a GPU or TPU. ``--quick`` shrinks every size to a toy one and
+compiles without LLVM optimisation: for tests of the suite, not results.
 """
 
 import argparse
@@ -22,6 +24,7 @@ from collections.abc import Sequence
 from attn_jax.bench import results
 
 SECTIONS = ("attention", "train", "decode", "compile", "scaling", "pipeline")
+ACCELERATOR_SECTIONS = ("accelerator",)  # in ``all`` only on a GPU/TPU backend
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     scaling.add_argument("--devices", type=int, nargs="+", help="device counts (default 1 2 4 8)")
     pipeline = sub.add_parser("pipeline", parents=[common], help="input pipeline stall")
     pipeline.add_argument("--steps", type=int, help="timed training steps (default 40)")
+    accelerator = sub.add_parser("accelerator", parents=[common], help="bf16 MFU and 100k-step time on a GPU/TPU")
+    accelerator.add_argument("--configs", nargs="+", choices=("base", "big"), default=["base", "big"])
+    accelerator.add_argument("--peak-tflops", type=float, help="the chip's dense bf16 peak (default: known chips)")
     sub.add_parser("all", parents=[common], help="every section in turn, one matmul ceiling for all")
     return parser
 
@@ -60,7 +66,7 @@ def _given(**options) -> dict:
 
 def run_section(section: str, args: argparse.Namespace, argv: Sequence[str], ceiling: dict | None = None) -> dict:
     """Runs one section with the parsed options; returns its report."""
-    from attn_jax.bench import attention, compilation, decoding, pipeline, scaling, timing, training
+    from attn_jax.bench import accelerator, attention, compilation, decoding, pipeline, scaling, timing, training
 
     quick = args.quick
     options = timing.QUICK_COMPILER_OPTIONS if quick else None
@@ -98,6 +104,11 @@ def run_section(section: str, args: argparse.Namespace, argv: Sequence[str], cei
         sizes = dict(size="quick", steps=3, num_examples=400, vocab_size=200, tokens_per_batch=256)
         given = _given(steps=getattr(args, "steps", None))
         return pipeline.run(**((sizes if quick else {}) | given | common))
+    if section == "accelerator":
+        configs = getattr(args, "configs", ("base", "big"))  # `all` has no --configs
+        sizes = dict(sizes=("quick",), repeats=1) if quick else dict(sizes=tuple(configs))
+        given = _given(peak_tflops=getattr(args, "peak_tflops", None))
+        return accelerator.run(**(sizes | given | repeats | common))
     raise ValueError(f"unknown section {section!r}")
 
 
@@ -132,6 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     ceiling = matmul_ceiling(default_sizes(args.quick))
     print(f"matmul ceiling: {ceiling['gflops']:.1f} GFLOP/s", flush=True)
-    for section in SECTIONS:
+    on_accelerator = jax.default_backend() != "cpu"
+    for section in SECTIONS + (ACCELERATOR_SECTIONS if on_accelerator else ()):
         print(_summary(run_section(section, args, argv, ceiling), args.out), flush=True)
     return 0
