@@ -166,3 +166,23 @@ def test_accelerator_peaks_and_targets_by_device_kind():
     }
     elsewhere = accelerator.checks([{**base, "mfu": None}], "NVIDIA A100-SXM4-80GB")
     assert [c["passed"] for c in elsewhere] == [None, None]
+
+
+@pytest.mark.slow  # ~40 s on 2 cores: two child processes and four compiles
+def test_quick_scaling_run_covers_each_sweep_with_consistent_rates(tmp_path):
+    assert main(["scaling", "--quick", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "scaling.json").read_text())
+    peak = report["ceiling"]["flops_per_s"]
+    assert [row["devices"] for row in report["devices"]] == [1, 2]
+    assert len(report["lengths"]) == 2 and len(report["models"]) == 2
+    for row in report["devices"] + report["lengths"] + report["models"]:
+        assert row["tokens_per_s"] > 0 and row["mfu"] > 0
+    # Every device count runs the same global batch, so MFU per token/s (FLOPs per token / peak) is the same.
+    one, two = report["devices"]
+    assert one["mfu"] / one["tokens_per_s"] == pytest.approx(two["mfu"] / two["tokens_per_s"], rel=1e-9)
+    assert one["mfu"] * peak * one["step_s"] == pytest.approx(two["mfu"] * peak * two["step_s"], rel=1e-9)
+    assert sorted(p.name for p in tmp_path.glob("scaling*.png")) == [
+        "scaling_devices.png",
+        "scaling_length.png",
+        "scaling_model.png",
+    ]

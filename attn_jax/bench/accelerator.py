@@ -16,7 +16,6 @@ batch to test the section. Writes ``accelerator.{json,md}``.
 """
 
 import jax
-import numpy as np
 
 from attn_jax.bench import flops as flops_lib
 from attn_jax.bench import results
@@ -71,20 +70,15 @@ def measure_size(name: str, peak: float | None, *, repeats: int = 5, compiler_op
     run, info = attn_jax_contender(config, batch, compiler_options=compiler_options)
     timing = interleave({"step": run}, repeats=repeats, warmup=2)["step"]
     seconds = timing["median_s"]
-    train_flops = flops_lib.batch_flops(config, batch).train
-    tokens = int(np.count_nonzero(batch["targets_out"] != config.pad_id))
     return (
         {
             "size": name,
             "dtype": config.dtype,
             "batch": {"size": B, "source_length": S, "target_length": T},
-            "target_tokens": tokens,
-            "flops_per_step": train_flops,
-            "step_s": seconds,
-            "tokens_per_s": tokens / seconds,
-            "mfu": None if peak is None else flops_lib.mfu(train_flops, seconds, peak),
+            "flops_per_step": flops_lib.batch_flops(config, batch).train,
             "hours_per_100k_steps": seconds * STEPS / 3600,
         }
+        | flops_lib.step_rates(config, batch, seconds, peak)
         | info
         | timing
     )

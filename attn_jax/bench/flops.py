@@ -148,3 +148,24 @@ def mfu(flops: float, seconds: float, ceiling_flops_per_s: float) -> float:
       0.5
     """
     return flops / seconds / ceiling_flops_per_s
+
+
+def step_rates(config: TransformerConfig, batch: dict, seconds: float, peak_flops_per_s: float | None) -> dict:
+    """``{"step_s", "tokens_per_s", "mfu"}`` of a training step on ``batch`` taking ``seconds``.
+
+    tokens/s counts non-pad target tokens; ``mfu`` is None without a peak.
+
+    Example:
+      >>> config = TransformerConfig(vocab_size=64, d_model=32, num_heads=2, d_ff=64)
+      >>> batch = {"inputs": np.ones((2, 4), np.int32), "targets_out": np.array([[5, 6, 0, 0], [5, 6, 7, 0]])}
+      >>> rates = step_rates(config, batch, 0.5, None)
+      >>> rates["tokens_per_s"], rates["mfu"]
+      (10.0, None)
+    """
+    train_flops = batch_flops(config, batch).train
+    tokens = int(np.count_nonzero(batch["targets_out"] != config.pad_id))
+    return {
+        "step_s": seconds,
+        "tokens_per_s": tokens / seconds,
+        "mfu": None if peak_flops_per_s is None else mfu(train_flops, seconds, peak_flops_per_s),
+    }

@@ -26,7 +26,6 @@ import subprocess
 import sys
 
 import jax
-import numpy as np
 
 from attn_jax import parallel
 from attn_jax.bench import flops as flops_lib
@@ -43,21 +42,11 @@ TOKENS_PER_BATCH = 2048
 D_MODELS = (128, 256, 384, 512)
 
 
-def _rate(config, batch, seconds: float, ceiling: dict) -> dict:
-    step_flops = flops_lib.batch_flops(config, batch).train
-    tokens = int(np.count_nonzero(batch["targets_out"] != config.pad_id))
-    return {
-        "step_s": seconds,
-        "tokens_per_s": tokens / seconds,
-        "mfu": flops_lib.mfu(step_flops, seconds, ceiling["flops_per_s"]),
-    }
-
-
 def _time_one(config, batch, ceiling, *, repeats, compiler_options) -> dict:
     run, info = attn_jax_contender(config, batch, compiler_options=compiler_options)
     timing = interleave({"step": run}, repeats=repeats, warmup=2)["step"]
-    return {"compile_s": info["compile_s"], "parameters": info["parameters"], "runs_s": timing["runs_s"]} | _rate(
-        config, batch, timing["median_s"], ceiling
+    return {"compile_s": info["compile_s"], "parameters": info["parameters"], "runs_s": timing["runs_s"]} | (
+        flops_lib.step_rates(config, batch, timing["median_s"], ceiling["flops_per_s"])
     )
 
 
@@ -109,7 +98,7 @@ def measure_devices(counts=DEVICES, *, size="small", repeats=5, quick=False, cei
         command += ["--quick"] if quick else []
         done = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
         probe = json.loads(done.stdout.strip().splitlines()[-1])
-        rows.append(probe | _rate(config, batch, probe["median_s"], ceiling))
+        rows.append(probe | flops_lib.step_rates(config, batch, probe["median_s"], ceiling["flops_per_s"]))
         print(f"scaling devices={n}: {rows[-1]['tokens_per_s']:.0f} tokens/s", flush=True)
     return rows
 
