@@ -17,10 +17,8 @@ batch to test the section. Writes ``accelerator.{json,md}``.
 
 import jax
 
-from attn_jax.bench import flops as flops_lib
 from attn_jax.bench import results
-from attn_jax.bench.timing import interleave
-from attn_jax.bench.training import QUICK, attn_jax_contender, synthetic_batch
+from attn_jax.bench.training import QUICK, synthetic_batch, time_attn_jax_step
 from attn_jax.model_config import TransformerConfig
 
 # Dense (no sparsity) bf16 peak per chip, TFLOP/s, from the vendors' data sheets; first substring match wins.
@@ -67,21 +65,13 @@ def measure_size(name: str, peak: float | None, *, repeats: int = 5, compiler_op
     make_config, B, S, T = SIZES[name]
     config = make_config()
     batch = synthetic_batch(config, B, S, T)
-    run, info = attn_jax_contender(config, batch, compiler_options=compiler_options)
-    timing = interleave({"step": run}, repeats=repeats, warmup=2)["step"]
-    seconds = timing["median_s"]
-    return (
-        {
-            "size": name,
-            "dtype": config.dtype,
-            "batch": {"size": B, "source_length": S, "target_length": T},
-            "flops_per_step": flops_lib.batch_flops(config, batch).train,
-            "hours_per_100k_steps": seconds * STEPS / 3600,
-        }
-        | flops_lib.step_rates(config, batch, seconds, peak)
-        | info
-        | timing
-    )
+    row = time_attn_jax_step(config, batch, peak, repeats=repeats, compiler_options=compiler_options)
+    return {
+        "size": name,
+        "dtype": config.dtype,
+        "batch": {"size": B, "source_length": S, "target_length": T},
+        "hours_per_100k_steps": row["step_s"] * STEPS / 3600,
+    } | row
 
 
 def checks(rows: list[dict], device_kind: str) -> list[dict]:

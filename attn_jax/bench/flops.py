@@ -151,7 +151,7 @@ def mfu(flops: float, seconds: float, ceiling_flops_per_s: float) -> float:
 
 
 def step_rates(config: TransformerConfig, batch: dict, seconds: float, peak_flops_per_s: float | None) -> dict:
-    """``{"step_s", "tokens_per_s", "mfu"}`` of a training step on ``batch`` taking ``seconds``.
+    """``{"flops_per_step", "step_s", "tokens_per_s", "mfu"}`` of a training step on ``batch`` taking ``seconds``.
 
     tokens/s counts non-pad target tokens; ``mfu`` is None without a peak.
 
@@ -165,6 +165,7 @@ def step_rates(config: TransformerConfig, batch: dict, seconds: float, peak_flop
     train_flops = batch_flops(config, batch).train
     tokens = int(np.count_nonzero(batch["targets_out"] != config.pad_id))
     return {
+        "flops_per_step": train_flops,
         "step_s": seconds,
         "tokens_per_s": tokens / seconds,
         "mfu": None if peak_flops_per_s is None else mfu(train_flops, seconds, peak_flops_per_s),

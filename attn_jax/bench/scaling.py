@@ -32,7 +32,7 @@ from attn_jax.bench import flops as flops_lib
 from attn_jax.bench import results
 from attn_jax.bench.ceiling import default_sizes, matmul_ceiling
 from attn_jax.bench.timing import interleave
-from attn_jax.bench.training import SIZES, attn_jax_contender, jax_contender, optimizer, synthetic_batch
+from attn_jax.bench.training import SIZES, jax_contender, optimizer, synthetic_batch, time_attn_jax_step
 from attn_jax.model_config import TransformerConfig
 from attn_jax.train import init_train_state, train_step
 
@@ -40,14 +40,6 @@ DEVICES = (1, 2, 4, 8)
 LENGTHS = (32, 64, 128, 256, 512)
 TOKENS_PER_BATCH = 2048
 D_MODELS = (128, 256, 384, 512)
-
-
-def _time_one(config, batch, ceiling, *, repeats, compiler_options) -> dict:
-    run, info = attn_jax_contender(config, batch, compiler_options=compiler_options)
-    timing = interleave({"step": run}, repeats=repeats, warmup=2)["step"]
-    return {"compile_s": info["compile_s"], "parameters": info["parameters"], "runs_s": timing["runs_s"]} | (
-        flops_lib.step_rates(config, batch, timing["median_s"], ceiling["flops_per_s"])
-    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -117,10 +109,10 @@ def measure_lengths(
     for length in lengths:
         B = max(tokens_per_batch // length, 1)
         batch = synthetic_batch(config, B, length, length)
-        rows.append(
-            {"length": length, "batch": B}
-            | _time_one(config, batch, ceiling, repeats=repeats, compiler_options=compiler_options)
+        timed = time_attn_jax_step(
+            config, batch, ceiling["flops_per_s"], repeats=repeats, compiler_options=compiler_options
         )
+        rows.append({"length": length, "batch": B} | timed)
         print(f"scaling T=S={length}: {rows[-1]['tokens_per_s']:.0f} tokens/s", flush=True)
     return rows
 
@@ -145,9 +137,10 @@ def measure_models(d_models=D_MODELS, *, size="small", repeats=5, ceiling, compi
     for d_model in d_models:
         config = model_config(d_model, quick=size == "quick")
         batch = synthetic_batch(config, B, S, T)
-        rows.append(
-            {"d_model": d_model} | _time_one(config, batch, ceiling, repeats=repeats, compiler_options=compiler_options)
+        timed = time_attn_jax_step(
+            config, batch, ceiling["flops_per_s"], repeats=repeats, compiler_options=compiler_options
         )
+        rows.append({"d_model": d_model} | timed)
         print(f"scaling d_model={d_model}: {rows[-1]['tokens_per_s']:.0f} tokens/s", flush=True)
     return rows
 

@@ -93,6 +93,16 @@ def attn_jax_contender(config: TransformerConfig, batch: dict, *, seed: int = 0,
     return jax_contender(step, state, batch, dropout_rng, compiler_options=compiler_options)
 
 
+def time_attn_jax_step(config: TransformerConfig, batch: dict, peak_flops_per_s, *, repeats, compiler_options=None):
+    """``attn_jax_contender`` timed alone (median of ``repeats`` after 2 warm-ups): compile time, parameters,
+    the runs, and ``flops.step_rates`` against ``peak_flops_per_s`` (None: no MFU)."""
+    run, info = attn_jax_contender(config, batch, compiler_options=compiler_options)
+    timing = interleave({"step": run}, repeats=repeats, warmup=2)["step"]
+    return {"compile_s": info["compile_s"], "parameters": info["parameters"], "runs_s": timing["runs_s"]} | (
+        flops_lib.step_rates(config, batch, timing["median_s"], peak_flops_per_s)
+    )
+
+
 def _linen_contender(config: TransformerConfig, batch: dict, *, seed: int = 0, compiler_options=None) -> tuple:
     tx = optimizer(config)
     init_rng, dropout_rng = jax.random.split(jax.random.key(seed))
