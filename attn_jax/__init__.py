@@ -32,7 +32,7 @@ from attn_jax.layers import (
 )
 from attn_jax.masks import causal_mask, combine_masks, padding_mask
 from attn_jax.model_config import ConfigError, TransformerConfig
-from attn_jax.transformer import (
+from attn_jax.model import (
     count_params,
     decode,
     decode_step,

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attn_jax.model_config import TransformerConfig
-from attn_jax.transformer import (
+from attn_jax.model import (
     decode,
     decode_step,
     encode,

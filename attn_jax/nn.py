@@ -21,7 +21,7 @@ from attn_jax import layers
 from attn_jax.attention import init_multi_head_attention, multi_head_attention
 from attn_jax.blocks import decoder_block, encoder_block, init_decoder_block, init_encoder_block
 from attn_jax.model_config import TransformerConfig
-from attn_jax.transformer import init_language_model, init_transformer, language_model, transformer
+from attn_jax.model import init_language_model, init_transformer, language_model, transformer
 
 
 class ParamTree(nnx.Module):
@@ -114,7 +114,7 @@ class DecoderBlock(ParamTree):
 
 
 class Transformer(ParamTree):
-    """``attn_jax.transformer``: the encoder-decoder model, parameters as ``init_transformer`` lays them out."""
+    """``attn_jax.model.transformer``: the encoder-decoder model, parameters as ``init_transformer`` lays them out."""
 
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
         super().__init__(init_transformer(rngs.params(), config))

@@ -26,7 +26,7 @@ DPI = 100
 # Metric names read from the log (see attn_jax.metrics): split "train" and "eval".
 LOSS, LEARNING_RATE, BLEU, ACCURACY = "loss", "learning_rate", "bleu", "accuracy"
 # Which tokens label the query (rows) and key (columns) axes of each attention kind that
-# ``attn_jax.transformer.transformer(..., return_weights=True)`` returns, and how to title it.
+# ``attn_jax.model.transformer(..., return_weights=True)`` returns, and how to title it.
 ATTENTION_KINDS = {
     "encoder": ("source", "source", "encoder self-attention"),
     "decoder": ("target", "target", "decoder self-attention"),

@@ -10,7 +10,7 @@ import numpy as np
 from attn_jax import parallel, plots
 from attn_jax.data.tokenizer import encode
 from attn_jax.evaluate import translate_ids, translation_quality
-from attn_jax.transformer import transformer
+from attn_jax.model import transformer
 
 log = logging.getLogger(__name__)
 

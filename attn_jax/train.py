@@ -16,7 +16,7 @@ from flax import struct
 
 from attn_jax.losses import cross_entropy_sums
 from attn_jax.model_config import TransformerConfig
-from attn_jax.transformer import init_language_model, init_transformer, language_model, transformer
+from attn_jax.model import init_language_model, init_transformer, language_model, transformer
 from attn_jax.types import PRNGKeyArray
 
 

@@ -17,7 +17,7 @@ from attn_jax.bench.cli import main
 from attn_jax.bench.training import QUICK, optimizer, synthetic_batch
 from attn_jax.model_config import TransformerConfig
 from attn_jax.train import forward, init_train_state, train_step
-from attn_jax.transformer import count_params, init_transformer
+from attn_jax.model import count_params, init_transformer
 
 # Matmuls dominate (H = 64, F = 4 D, V = 4 D), as in real models; unrolled, because XLA's cost analysis counts a
 # while loop's body once, not once per iteration; no dropout, whose random bits XLA would count as FLOPs.

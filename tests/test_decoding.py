@@ -24,7 +24,7 @@ from attn_jax.decoding import (
     sample_language_model,
 )
 from attn_jax.model_config import TransformerConfig
-from attn_jax.transformer import decode, encode, init_language_model, init_transformer, language_model
+from attn_jax.model import decode, encode, init_language_model, init_transformer, language_model
 
 PAD, EOS, BOS = 0, 1, 2
 

@@ -12,7 +12,7 @@ built under ``nnx.eval_shape`` and filled with random values, which keeps this f
 real initialisation of the stacked layers costs tens of seconds of XLA compilation. For the same reason the
 config unrolls its layers (``scan_layers=False``): eagerly, each call of a scanned stack compiles the scan
 afresh, while unrolled layers reuse the operations already compiled for the blocks. (Scanned and unrolled stacks
-are compared with each other in tests/test_transformer.py.)
+are compared with each other in tests/test_model.py.)
 """
 
 import dataclasses

@@ -18,7 +18,7 @@ from attn_jax.decoding import beam_search, greedy_decode
 from attn_jax.evaluate import translate_ids
 from attn_jax.optim import make_optimizer, rsqrt_warmup_schedule
 from attn_jax.train import TrainState, init_train_state
-from attn_jax.transformer import init_transformer
+from attn_jax.model import init_transformer
 
 STEPS = 20
 BATCH, LENGTH, VOCAB = 16, 8, 32

@@ -24,7 +24,7 @@ import pytest
 from attn_jax import TransformerConfig
 from attn_jax.optim import make_optimizer, rsqrt_warmup_schedule
 from attn_jax.train import TrainState, eval_step, init_train_state, train_step
-from attn_jax.transformer import language_model, transformer
+from attn_jax.model import language_model, transformer
 from tests.helpers import assert_trees_allclose
 
 V, D, N, H, F = 19, 13, 3, 5, 17

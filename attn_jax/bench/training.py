@@ -35,7 +35,7 @@ from attn_jax.bench.timing import compile_ahead, interleave
 from attn_jax.model_config import TransformerConfig
 from attn_jax.optim import make_optimizer, rsqrt_warmup_schedule
 from attn_jax.train import init_train_state, train_step
-from attn_jax.transformer import count_params
+from attn_jax.model import count_params
 
 BOS_ID, FIRST_TOKEN_ID = 2, 4  # as in attn_jax.data.tokenizer (not imported: the suite needs no data code)
 SMALL = dict(vocab_size=8192, d_model=256, num_heads=4, d_ff=1024, num_encoder_layers=3, num_decoder_layers=3)

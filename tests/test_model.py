@@ -1,4 +1,4 @@
-"""Tests for attn_jax.transformer (and the blocks under it) against the float64 NumPy model of the paper.
+"""Tests for attn_jax.model (and the blocks under it) against the float64 NumPy model of the paper.
 
 The reference, tests/reference_numpy.py, is written from the paper's equations with explicit loops; it shares
 nothing with ``attn_jax`` except the parameter tree's key names and weight shapes. Parameters are random
