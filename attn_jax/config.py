@@ -130,6 +130,9 @@ _VALUE_RULES = {
     "data.tokens_per_batch": _integer(1),
     "data.eval_tokens_per_batch": _integer(1),
     "data.num_threads": _integer(0),
+    "data.worker_count": _integer(0),
+    "data.prepare_workers": _integer(0),
+    "data.examples_per_shard": _integer(1),
 }
 
 

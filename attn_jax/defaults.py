@@ -89,20 +89,25 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
     """Defaults of ``config.data``: which dataset, its tokenizer and how it is batched."""
     data = ml_collections.ConfigDict()
     data.name = "ding_en_de"  # "ding_en_de", "wmt14_translate/de-en" or "copy"
-    data.data_dir = "data_cache/tfds"  # TFDS data dir ("" = TFDS's default)
+    data.data_dir = ""  # TFDS data dir; "" = $TFDS_DATA_DIR when set, else data_cache/tfds
     data.ding_file = ""  # a manually downloaded Ding de-en file; "" = find or fetch with apt-get download
     data.phrases = False  # ding_en_de: add ~53k multi-word phrase pairs to the training split
     data.source_key = "en"  # feature translated from
     data.target_key = "de"  # feature translated to (and the language-model text)
     data.vocab_size = 8000  # shared SentencePiece vocabulary (paper: 37000 BPE for EN-DE)
     data.tokenizer_type = "bpe"  # "bpe" (as the paper's byte-pair encoding) or "unigram"
-    data.tokenizer_examples = 1_000_000  # training pairs read to train the tokenizer
+    data.tokenizer_examples = 1_000_000  # random training pairs the tokenizer learns from (bounds its memory)
     data.max_length = 64  # tokens per side including EOS; longer pairs are dropped or truncated
     data.overlong = "drop"  # "drop" or "truncate" over-long training pairs (always counted)
     data.invalid_utf8 = "replace"  # "replace" (U+FFFD, counted) or "error" (stop, naming the record)
     data.tokens_per_batch = 4096  # padded tokens per batch and side (paper: ~25000)
     data.eval_tokens_per_batch = 2048  # the same for evaluation batches
     data.num_threads = 2  # threads preparing batches ahead of the step
+    data.packing = False  # pack several pairs per row (segment ids, positions) instead of length buckets
+    data.worker_count = 0  # Grain worker processes assembling training batches; 0 = num_threads threads here
+    data.prepared_dir = ""  # cache of the ids encoded once per (data set, tokenizer); "" = WORKDIR/prepared
+    data.prepare_workers = 0  # processes encoding the corpus into ids; 0 = one per CPU core
+    data.examples_per_shard = 100_000  # pairs per prepared ArrayRecord file (the unit of parallel, resumable work)
     data.update(overrides)
     return data
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from attn_jax.data import ding, ding_parser, encoding, pipeline, tokenizer, wmt14
+from attn_jax import defaults
+from attn_jax.data import datasets, ding, ding_parser, pipeline, prepared, sources, tokenizer, wmt14
 from attn_jax.data.ding_parser import DingPair
 
 # Lines in the Ding format, with what each should give. Written by hand: the real file is GPL and is
@@ -66,7 +67,7 @@ def _generated_lines(count: int) -> list[bytes]:
 
 def _utf8_bytes(example):
     """A tokenizer-free encoder: one id per UTF-8 byte."""
-    return tuple(np.frombuffer(example[key], np.uint8).astype(np.int32) + 4 for key in ("en", "de"))
+    return *(np.frombuffer(example[key], np.uint8).astype(np.int32) + 4 for key in ("en", "de")), ()
 
 
 @pytest.fixture
@@ -141,9 +142,11 @@ def test_build_tfds_dataset_and_read_with_data_source(ding_file, tmp_path):
         read = {(example["en"].decode(), example["de"].decode()) for example in sources[name]}
         assert read == {(p.en, p.de) for p in expected[name]}, name
         assert len(sources[name]) == len(expected[name])
-    # The real ArrayRecord source feeds the pipeline (reading several records per call).
+    # The real ArrayRecord source feeds preparation (reading several records per call), then the pipeline.
+    prepared.encode_split(sources["test"], _utf8_bytes, tmp_path / "ids", vocab_size=260, examples_per_shard=40)
+    split = prepared.load_split(tmp_path / "ids", num_examples=len(sources["test"]), examples_per_shard=40)
     config = pipeline.PipelineConfig(max_length=256, tokens_per_batch=2048, num_threads=0)
-    batches = pipeline.eval_batches(sources["test"], _utf8_bytes, config)
+    batches = pipeline.eval_batches(split, config)
     seen = np.concatenate([batch["example_index"] for batch in batches])
     assert sorted(seen[seen >= 0].tolist()) == list(range(len(sources["test"])))
     assert (tmp_path / "tfds/ding_en_de/sentences/1.0.0").is_dir()
@@ -201,23 +204,95 @@ class _OneByOne:
         return self._source[index]
 
 
-def test_wmt14_through_tfds_mock_data(tmp_path):
+_original_sources = wmt14.wmt14_sources
+
+
+@pytest.fixture
+def mock_wmt(monkeypatch):
+    """TFDS's mock WMT14 (24 pairs per split), read one record per call."""
+
+    def mock_sources(data_dir):
+        return {split: _OneByOne(source) for split, source in _original_sources(data_dir).items()}
+
+    monkeypatch.setattr(wmt14, "wmt14_sources", mock_sources)
     with tfds.testing.mock_data(num_examples=24):
-        sources = wmt14.wmt14_sources(tmp_path)
-    assert set(sources) == {"train", "validation", "test"}
-    assert len(sources["train"]) == 24
-    example = sources["train"][3]
-    assert set(example) == {"en", "de"}
-    # The mock's strings feed the whole path: tokenizer, then batches.
-    spm = tokenizer.train_tokenizer(
-        tokenizer.training_texts(sources["train"]), tmp_path / "work", vocab_size=32, model_type="unigram"
-    )
-    config = pipeline.PipelineConfig(max_length=64, tokens_per_batch=256, num_threads=0)
-    validation = _OneByOne(sources["validation"])
-    batches = pipeline.eval_batches(validation, encoding.text_pair_encoder(spm), config)
-    seen = np.concatenate([batch["example_index"] for batch in batches])
-    assert sorted(seen[seen >= 0].tolist()) == list(range(24))
-    batch = next(iter(batches))
-    assert batch["inputs"].dtype == np.int32
-    assert batch["inputs"].shape in batches.stats.batch_shapes
+        yield
+
+
+def _wmt_config(**data):
+    c = defaults.base_config()
+    c.data = defaults.data_config(
+        name="wmt14_translate/de-en", vocab_size=32, tokenizer_type="unigram", max_length=32, tokens_per_batch=128,
+        eval_tokens_per_batch=128, num_threads=0, prepare_workers=1, examples_per_shard=10, **data,
+    )  # fmt: skip
+    return c
+
+
+@pytest.mark.parametrize("worker_count", [0, pytest.param(2, marks=pytest.mark.slow)])
+def test_wmt14_through_tfds_mock_data_with_preparation_and_packing(mock_wmt, tmp_path, worker_count):
+    config = _wmt_config(packing=True, worker_count=worker_count)
+    raw = wmt14.wmt14_sources(tmp_path / "tfds")
+    built = datasets.build_datasets(config, tmp_path / "run", batch_multiple=2)
+    expected_pairs = sources.text_pairs(raw["validation"], config.data)
     assert "tensorflow" not in sys.modules
+    # The mock's strings feed the whole path: tokenizer, prepared ids (3 shards of 10), packed batches.
+    assert (tmp_path / "run/tokenizer" / tokenizer.MODEL_FILE_NAME).is_file()
+    (train_dir,) = (tmp_path / "run/prepared").glob("train-*")
+    assert sorted(p.name for p in train_dir.glob("*.npz")) == [f"shard-0000{i}-of-00003.npz" for i in range(3)]
+    report = built.report["train"]
+    assert report["packing"] and report["num_examples"] == 24 and 0 <= report["padding_fraction"] < 1
+    batch = next(built.train)
+    assert set(batch) == {"inputs", "inputs_segment_ids", "inputs_positions", "targets_in", "targets_out",
+                          "targets_segment_ids", "targets_positions"}  # fmt: skip
+    rows, source_length = batch["inputs"].shape
+    assert (rows, source_length, batch["targets_out"].shape[1]) in report["batch_shapes"]
+    assert all(v.dtype == np.int32 for v in batch.values())
+    np.testing.assert_array_equal(batch["inputs_segment_ids"] > 0, batch["inputs"] != 0)
+    state = built.train.get_state()
+    following = next(built.train)
+    built.train.set_state(state)
+    again = next(built.train)
+    assert all(following[k].tobytes() == again[k].tobytes() for k in following)
+    if hasattr(built.train, "close"):
+        built.train.close()
+    assert built.validation_pairs == expected_pairs and len(built.test_pairs) == 24
+    # The first pair of a row reads back as one of the training references.
+    decoded = tokenizer.decode(built.tokenizer, batch["targets_out"][0][batch["targets_segment_ids"][0] == 1])
+    assert decoded in {de for _, de in sources.text_pairs(raw["train"], config.data)}
+
+
+def test_readers_get_evaluation_data_without_the_training_split_or_writing_to_the_run(mock_wmt, tmp_path, monkeypatch):
+    config = _wmt_config()
+    trained = datasets.build_datasets(config, tmp_path / "run")
+    before = sorted(str(p) for p in (tmp_path / "run").rglob("*"))
+
+    class Unreadable:
+        def __len__(self, *args):
+            raise AssertionError("readers must not open the training split")
+
+        __getitem__ = __getitems__ = __len__
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("readers must not train a tokenizer")
+
+    mock_sources = wmt14.wmt14_sources
+    monkeypatch.setattr(wmt14, "wmt14_sources", lambda data_dir: mock_sources(data_dir) | {"train": Unreadable()})
+    monkeypatch.setattr(tokenizer, "train_tokenizer", no_training)
+    built = datasets.build_eval_datasets(config, tmp_path / "run")
+    assert built.train is None and "train" not in built.report
+    assert built.validation_pairs == trained.validation_pairs and built.test_pairs == trained.test_pairs
+    expected = [b["targets_out"].tobytes() for b in trained.eval_batches()]
+    assert [b["targets_out"].tobytes() for b in built.eval_batches()] == expected
+    assert sorted(str(p) for p in (tmp_path / "run").rglob("*")) == before
+    with pytest.raises(FileNotFoundError, match="no tokenizer in"):
+        datasets.build_eval_datasets(config, tmp_path / "empty")
+
+
+def test_data_dir_defaults_to_tfds_data_dir(monkeypatch):
+    data = defaults.data_config()
+    monkeypatch.delenv("TFDS_DATA_DIR", raising=False)
+    assert sources.data_dir(data) == sources.DEFAULT_DATA_DIR
+    monkeypatch.setenv("TFDS_DATA_DIR", "/shared/tfds")
+    assert sources.data_dir(data) == "/shared/tfds"
+    data.data_dir = "/mine"
+    assert sources.data_dir(data) == "/mine"

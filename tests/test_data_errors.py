@@ -2,19 +2,19 @@
 characters are handled by config and counted in the data report; a missing data set names its fix.
 
 The corrupt corpus is generated here and fed through ``build_datasets``'s WMT path (the real tokenizer
-training, length pass and Grain pipeline) in place of the TFDS download.
+training, preparation and Grain pipeline) in place of the TFDS download.
 """
 
 import inspect
 import random
 import unicodedata
 
-import numpy as np
 import pytest
 
 from attn_jax import defaults
 from attn_jax.config import ConfigError, check_values
 from attn_jax.data import datasets as datasets_lib
+from attn_jax.data import encoding, wmt14
 from attn_jax.data.text import DataError, clean_text
 from attn_jax.main import main
 
@@ -53,7 +53,7 @@ def _config(arg=None, **data):
 @pytest.fixture
 def corrupt_wmt(monkeypatch):
     corpus = _corpus()
-    monkeypatch.setattr(datasets_lib, "wmt14_sources", lambda data_dir: corpus)
+    monkeypatch.setattr(wmt14, "wmt14_sources", lambda data_dir: corpus)
     return corpus
 
 
@@ -127,10 +127,14 @@ def test_cli_reports_a_data_error_in_one_line(corrupt_wmt, tmp_path, capsys):
     assert len(err.splitlines()) == 1
 
 
-def test_lengths_cache_keeps_the_issue_counts(corrupt_wmt, tmp_path):
+def test_prepared_ids_keep_the_issue_counts_and_are_not_encoded_again(corrupt_wmt, tmp_path, monkeypatch):
     first = datasets_lib.build_datasets(_config(), tmp_path).report["train"]
-    again = datasets_lib.build_datasets(_config(), tmp_path).report["train"]  # lengths read from the workdir
-    assert (tmp_path / "lengths_train.npz").is_file()
+    assert sorted(path.name.split("-")[0] for path in (tmp_path / "prepared").iterdir()) == ["train", "validation"]
+
+    def no_encoding(self, example):
+        raise AssertionError("prepared ids must be read back, not encoded again")
+
+    monkeypatch.setattr(encoding.TextPairEncoder, "__call__", no_encoding)
+    again = datasets_lib.build_datasets(_config(), tmp_path).report["train"]
     assert {k: again[k] for k in ("invalid_utf8", "control_characters")} == {"invalid_utf8": 1, "control_characters": 1}
     assert first == again
-    np.testing.assert_array_equal(np.load(tmp_path / "lengths_train.npz")["lengths"][EMPTY][1], 0)

@@ -1,7 +1,10 @@
 """The shared SentencePiece vocabulary: fixed special ids, round trips, reuse from the workdir."""
 
+import io
+
 import numpy as np
 import pytest
+import sentencepiece as spm
 
 from attn_jax.data import tokenizer
 
@@ -68,7 +71,30 @@ def test_trains_when_absent(tmp_path):
     assert spm.vocab_size() == 80
 
 
-def test_training_texts_reads_both_sides():
+def test_sample_texts_reads_both_sides_of_a_bounded_random_sample():
     source = [{"en": b"One.", "de": "Eins."}, {"en": "Two.", "de": b"Zwei."}]
-    assert list(tokenizer.training_texts(source)) == ["One.", "Eins.", "Two.", "Zwei."]
-    assert list(tokenizer.training_texts(source, ("de",), max_examples=1)) == ["Eins."]
+    assert list(tokenizer.sample_texts(source)) == ["One.", "Eins.", "Two.", "Zwei."]
+    assert list(tokenizer.sample_texts(source, ("de",), max_examples=5)) == ["Eins.", "Zwei."]
+    many = [{"en": str(i)} for i in range(1000)]
+    sample = [int(text) for text in tokenizer.sample_texts(many, ("en",), max_examples=50, seed=1)]
+    assert len(set(sample)) == 50 and sample == sorted(sample)
+    assert sample == [int(t) for t in tokenizer.sample_texts(many, ("en",), max_examples=50, seed=1)]
+    assert max(sample) > 500  # drawn from the whole split, not its first examples
+
+
+def test_run_tokenizer_is_read_from_the_workdir_without_data(workdir, tmp_path):
+    (tmp_path / "run" / "tokenizer").mkdir(parents=True)
+    (tmp_path / "run" / "tokenizer" / tokenizer.MODEL_FILE_NAME).write_bytes(
+        (workdir / tokenizer.MODEL_FILE_NAME).read_bytes()
+    )
+    assert tokenizer.load_run_tokenizer(tmp_path / "run").vocab_size() == 100
+    with pytest.raises(FileNotFoundError, match=r"no tokenizer in .*elsewhere/tokenizer: run `attn-jax prepare`"):
+        tokenizer.load_run_tokenizer(tmp_path / "elsewhere")
+
+
+def test_special_ids_are_checked_when_loading(tmp_path):
+    proto = io.BytesIO()  # SentencePiece's own special ids: unk 0, bos 1, eos 2, no pad
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(_TEXTS), model_writer=proto, vocab_size=40, minloglevel=2)
+    (tmp_path / tokenizer.MODEL_FILE_NAME).write_bytes(proto.getvalue())
+    with pytest.raises(ValueError, match=r"special ids \(pad, eos, bos, unk\) are \(-1, 2, 1, 0\)"):
+        tokenizer.load_tokenizer(tmp_path)

@@ -1,18 +1,23 @@
-"""Data for translation: TFDS builders and sources, a shared SentencePiece vocabulary, Grain batches.
+"""Data for translation, in one direction (ARCHITECTURE.md, "One path for the data"). Imports no model code.
 
-Imports no model code. The path of the data (see ARCHITECTURE.md, "One path for the data"):
-
-    ding_sources / wmt14_sources / CopySource      random-access examples per split
-      ▸ load_or_train_tokenizer                    shared SentencePiece model in the workdir
-      ▸ train_batches / eval_batches               tokenize ▸ filter ▸ bucket ▸ batch ▸ shard, via Grain
+sources.split_sources          the data set's splits, random access (TFDS Ding / WMT14, or the copy task)
+  ▸ tokenizer                  one SentencePiece model, trained once on a bounded random sample
+  ▸ prepared                   ids in ArrayRecord files + every pair's lengths, encoded once, in parallel
+  ▸ pipeline                   Grain: shuffle ▸ pack (packing) or bucket (batching) ▸ batch ▸ shard,
+                               in threads or worker processes, with checkpointable state
+  = datasets.build_datasets    what the training loop reads (``prepare`` runs the first three stages)
 """
 
-from attn_jax.data.batching import bucket_boundaries
+from attn_jax.data.batching import Plan, bucket_boundaries
 from attn_jax.data.copy_task import CopySource
+from attn_jax.data.datasets import Datasets, Prepared, build_datasets, build_eval_datasets, prepare
 from attn_jax.data.ding import DingEnDe, DingFileNotFoundError, ding_sources, fetch_ding_file, find_ding_file
 from attn_jax.data.ding_parser import DingPair, ParseStats, parse_ding, split_of, split_pairs
-from attn_jax.data.encoding import load_or_measure_lengths, measure_lengths, text_pair_encoder, token_pair_encoder
+from attn_jax.data.encoding import TextPairEncoder, TokenPairEncoder
+from attn_jax.data.packing import pack_rows, packed_row_lengths
 from attn_jax.data.pipeline import Batches, PipelineConfig, PipelineStats, eval_batches, train_batches
+from attn_jax.data.prepared import PreparedSplit, encode_split, load_split
+from attn_jax.data.sources import split_sources
 from attn_jax.data.text import TEXT_ISSUES, DataError, clean_text
 from attn_jax.data.tokenizer import (
     BOS_ID,
@@ -22,9 +27,10 @@ from attn_jax.data.tokenizer import (
     decode,
     encode,
     load_or_train_tokenizer,
+    load_run_tokenizer,
     load_tokenizer,
+    sample_texts,
     train_tokenizer,
-    training_texts,
 )
 from attn_jax.data.wmt14 import wmt14_sources
 
@@ -37,31 +43,42 @@ __all__ = [
     "Batches",
     "CopySource",
     "DataError",
+    "Datasets",
     "DingEnDe",
     "DingFileNotFoundError",
     "DingPair",
     "ParseStats",
     "PipelineConfig",
     "PipelineStats",
+    "Plan",
+    "Prepared",
+    "PreparedSplit",
+    "TextPairEncoder",
+    "TokenPairEncoder",
     "bucket_boundaries",
+    "build_datasets",
+    "build_eval_datasets",
     "clean_text",
     "decode",
     "ding_sources",
     "encode",
+    "encode_split",
     "eval_batches",
     "fetch_ding_file",
     "find_ding_file",
-    "load_or_measure_lengths",
     "load_or_train_tokenizer",
+    "load_run_tokenizer",
+    "load_split",
     "load_tokenizer",
-    "measure_lengths",
+    "pack_rows",
+    "packed_row_lengths",
     "parse_ding",
+    "prepare",
+    "sample_texts",
     "split_of",
     "split_pairs",
-    "text_pair_encoder",
-    "token_pair_encoder",
+    "split_sources",
     "train_batches",
     "train_tokenizer",
-    "training_texts",
     "wmt14_sources",
 ]

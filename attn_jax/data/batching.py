@@ -8,12 +8,67 @@ boundary (a multiple of 8) and ``B_b = tokens_per_batch // L_b`` rounded down to
 ``batch_multiple``, so a jitted step compiles once per bucket and batches split evenly across devices.
 """
 
+import dataclasses
 import math
 
 import numpy as np
 
 # Dummy rows in evaluation batches point here.
 NO_EXAMPLE = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Where each pair goes in the batches of one epoch (or of one evaluation pass): for bucketed and packed
+    batches alike, so one function assembles both (``attn_jax.data.pipeline``).
+
+    Attributes:
+      starts: ``[num_batches + 1]``: the items of batch ``k`` are ``starts[k]:starts[k + 1]``.
+      example: ``[M]`` pair index of each item.
+      row: ``[M]`` its row in the (global) batch.
+      offset: ``[M, 2]`` the first column of its source and of its target segment in that row.
+      rows: ``[num_batches]`` rows of each global batch.
+      lengths: ``[num_batches, 2]`` row lengths of each batch (source side, target side).
+    """
+
+    starts: np.ndarray
+    example: np.ndarray
+    row: np.ndarray
+    offset: np.ndarray
+    rows: np.ndarray
+    lengths: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def items(self, index: int) -> slice:
+        """The items of batch ``index``."""
+        return slice(int(self.starts[index]), int(self.starts[index + 1]))
+
+
+def bucket_plan(batches: list[tuple[int, np.ndarray]], boundaries: tuple[int, ...]) -> Plan:
+    """A ``Plan`` of one pair per row from ``plan_epoch`` or ``plan_single_pass`` output (``NO_EXAMPLE`` rows
+    stay empty).
+
+    Example:
+      >>> plan = bucket_plan([(0, np.array([4, -1])), (1, np.array([2, 3]))], (8, 16))
+      >>> plan.starts.tolist(), plan.example.tolist(), plan.row.tolist(), plan.lengths.tolist()
+      ([0, 1, 3], [4, 2, 3], [0, 0, 1], [[8, 8], [16, 16]])
+    """
+    examples = [rows for _, rows in batches]
+    flat = np.concatenate(examples) if examples else np.zeros(0, np.int64)
+    row = np.concatenate([np.arange(len(rows)) for rows in examples]) if examples else np.zeros(0, np.int64)
+    real = flat != NO_EXAMPLE
+    counts = np.array([int((rows != NO_EXAMPLE).sum()) for rows in examples], np.int64)
+    length = np.array([boundaries[bucket] for bucket, _ in batches], np.int64)
+    return Plan(
+        starts=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+        example=flat[real],
+        row=row[real],
+        offset=np.zeros((int(real.sum()), 2), np.int64),
+        rows=np.array([len(rows) for rows in examples], np.int64),
+        lengths=np.stack([length, length], axis=1) if len(length) else np.zeros((0, 2), np.int64),
+    )
 
 
 def bucket_boundaries(max_length: int, *, multiple: int = 8, growth: float = 1.5) -> tuple[int, ...]:

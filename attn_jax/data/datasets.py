@@ -1,32 +1,67 @@
-"""``build_datasets``: everything a run reads, from the experiment's ``config.data`` section, in one object.
+"""Everything a run reads, from the experiment's ``config.data`` section: ``prepare``, then ``build_datasets``.
 
-It picks the source (``ding_en_de``, ``wmt14_translate/de-en`` or the synthetic ``copy`` task), trains or
-reuses the shared SentencePiece model in the workdir, and builds this host's training iterator (whose state
-goes into checkpoints) and evaluation batches, plus the raw validation and test pairs that BLEU is scored on.
+The stages, in the order data flows (each reads what the one before wrote, nothing is measured twice):
+
+1. ``sources.split_sources``: the data set's splits as random-access sources (TFDS or generated);
+2. the tokenizer: trained once on a bounded random sample of the training split, kept in ``WORKDIR/tokenizer``;
+3. ``prepared``: each split encoded once into ArrayRecord files of ids with every pair's lengths, in worker
+   processes, resumable, cached under ``data.prepared_dir`` by (data set, tokenizer);
+4. ``pipeline``: Grain batches (shuffle, pack or bucket, batch, shard) planned from the lengths, read as ids.
+
+``prepare(config, workdir)`` runs stages 1-3 (``attn-jax prepare``; ``build_datasets`` calls it and finds the
+work done). On several hosts, process 0 trains the tokenizer while the others wait at a barrier, then every host
+encodes its share of the shards into the shared folder and all meet at a barrier before reading; so the workdir
+(or ``prepared_dir``) must be shared, as it is for checkpoints. Readers of a finished run (eval, translate) use
+``load_run_tokenizer`` and ``build_eval_datasets``, which neither train a tokenizer nor touch the training split.
 """
 
-import collections
 import dataclasses
-import functools
 import hashlib
-import pathlib
-from collections.abc import Callable, Iterator
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
 
 import jax
 import ml_collections
-import numpy as np
+from etils import epath
 
 from attn_jax import hosts
+from attn_jax.data import sources as sources_lib
 from attn_jax.data import tokenizer as tok
-from attn_jax.data.copy_task import CopySource
-from attn_jax.data.ding import ding_sources
-from attn_jax.data.encoding import load_or_measure_lengths, read_examples, text_pair_encoder, token_pair_encoder
 from attn_jax.data.pipeline import PipelineConfig, eval_batches, train_batches
-from attn_jax.data.text import TEXT_ISSUES, DataError, clean_text
-from attn_jax.data.wmt14 import wmt14_sources
+from attn_jax.data.prepared import PreparedSplit, encode_split, load_split, prepared_key, shard_names
 
-DATASETS = ("ding_en_de", "wmt14_translate/de-en", "copy")
-_MODEL_KEYS = ("inputs", "targets_in", "targets_out")
+DATASETS = sources_lib.DATASETS
+# Fields of config.data read with a default, so that configs saved before they existed still load.
+_FIELD_DEFAULTS = {
+    "packing": False,
+    "worker_count": 0,
+    "prepare_workers": 0,
+    "examples_per_shard": 100_000,
+    "prepared_dir": "",
+}
+# Fields that change how fast data arrives, not which batches: left out of the fingerprint.
+_RUNTIME_FIELDS = ("data_dir", "num_threads", "worker_count", "prepare_workers", "prepared_dir")
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Prepared:
+    """Stages 1-3 of the data path for a run (``prepare``'s result).
+
+    Attributes:
+      sources: the raw splits.
+      tokenizer: the SentencePiece model, or None for token-id tasks (copy).
+      vocab_size: the model's vocabulary size.
+      splits: the prepared ids of each prepared split.
+    """
+
+    sources: Mapping
+    tokenizer: object | None
+    vocab_size: int
+    splits: dict[str, PreparedSplit]
 
 
 @dataclasses.dataclass
@@ -34,18 +69,19 @@ class Datasets:
     """What the training loop reads.
 
     Attributes:
-      train: this host's training batches; ``get_state()``/``set_state()`` for checkpoints.
+      train: this host's training batches; ``get_state()``/``set_state()`` for checkpoints (None when built for
+        evaluation only).
       eval_batches: a fresh single pass over this host's validation batches per call.
       tokenizer: the SentencePiece model, or None for token-id tasks (copy).
       vocab_size: the model's vocabulary size.
       validation_pairs / test_pairs: ``(source, reference)`` raw text (or id arrays for copy) for BLEU.
       batch_multiple: batch sizes are multiples of this.
-      fingerprint: names the data, the tokenizer and the pipeline settings (stored in checkpoints).
-      report: counts of what the pipeline dropped, truncated and padded, and of the training texts that
-        needed cleaning (invalid UTF-8, control characters): never silent.
+      fingerprint: names the data, the tokenizer and the batching settings (stored in checkpoints).
+      report: counts of what the pipeline dropped, truncated and padded (``padding_fraction``), and of the
+        training texts that needed cleaning (invalid UTF-8, control characters): never silent.
     """
 
-    train: Iterator[dict]
+    train: Iterator[dict] | None
     eval_batches: Callable[[], Iterator[dict]]
     tokenizer: object | None
     vocab_size: int
@@ -56,19 +92,178 @@ class Datasets:
     report: dict
 
 
-class _ModelBatches:
-    """Keeps only the model's keys (LM: only the target side) and forwards the iterator state."""
+def field(data: ml_collections.ConfigDict, name: str):
+    """``data.name``, or its default for a config saved before the field existed."""
+    return data.get(name, _FIELD_DEFAULTS.get(name))
 
-    def __init__(self, iterator, task: str):
+
+def prepare(
+    config: ml_collections.ConfigDict,
+    workdir: str | os.PathLike,
+    *,
+    splits: tuple[str, ...] = ("train", "validation"),
+    tokenizer=None,
+    read_only: bool = False,
+) -> Prepared:
+    """Trains (or reuses) the run's tokenizer and encodes ``splits`` into prepared ids (or reuses them).
+
+    Args:
+      config: the experiment config (its ``data`` section).
+      workdir: the run's directory, local or ``gs://`` (the tokenizer goes there, and the ids unless
+        ``data.prepared_dir`` is set).
+      splits: the splits to prepare.
+      tokenizer: use this tokenizer instead of training or loading the run's (readers pass the saved one).
+      read_only: write nothing into the workdir: splits not prepared there yet are encoded into this machine's
+        temp folder instead (for readers of a run, which never write into it).
+
+    Returns:
+      A ``Prepared``.
+    """
+    data = config.data
+    sources = sources_lib.split_sources(data)
+    if tokenizer is None and sources_lib.uses_tokenizer(data):
+        tokenizer = _run_tokenizer(data, workdir, sources["train"])
+    vocab_size = data.vocab_size if sources_lib.uses_tokenizer(data) else data.copy.vocab_size
+    encoder = sources_lib.encoder(data, tokenizer)
+    proto = tokenizer.serialized_model_proto() if tokenizer is not None else None
+    root = epath.Path(field(data, "prepared_dir") or epath.Path(workdir) / "prepared")
+    per_shard = field(data, "examples_per_shard")
+    prepared = {}
+    for split in splits:
+        source = sources[split]
+        key = prepared_key(sources_lib.identity(data, split, len(source)), tokenizer_proto=proto,
+                           examples_per_shard=per_shard)  # fmt: skip
+        directory = root / f"{split}-{key}"
+        if read_only and not _complete(directory, len(source), per_shard):
+            directory = epath.Path(tempfile.gettempdir(), "attn_jax_prepared", f"{split}-{key}")
+        encode_split(
+            source, encoder, directory, vocab_size=vocab_size, examples_per_shard=per_shard,
+            workers=field(data, "prepare_workers") or os.cpu_count() or 1, process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )  # fmt: skip
+        hosts.barrier(f"prepared/{split}")  # every host has written its shards
+        prepared[split] = load_split(directory, num_examples=len(source), examples_per_shard=per_shard)
+    return Prepared(sources=sources, tokenizer=tokenizer, vocab_size=vocab_size, splits=prepared)
+
+
+def _complete(directory: epath.Path, num_examples: int, examples_per_shard: int) -> bool:
+    return all((directory / f"{name}.npz").exists() for name in shard_names(num_examples, examples_per_shard))
+
+
+def _run_tokenizer(data, workdir, train_source):
+    """Loads ``WORKDIR/tokenizer`` or trains it on a random sample of at most ``tokenizer_examples`` pairs."""
+    keys = (data.source_key, data.target_key)
+    model_dir = epath.Path(workdir) / tok.RUN_TOKENIZER_DIR
+
+    def load_or_train():
+        return tok.load_or_train_tokenizer(
+            model_dir,
+            lambda: tok.sample_texts(train_source, keys, max_examples=data.tokenizer_examples),
+            vocab_size=data.vocab_size,
+            model_type=data.tokenizer_type,
+            max_sentences=0,  # all of the sample (already bounded by tokenizer_examples)
+        )
+
+    if jax.process_count() > 1:  # process 0 trains (or finds) the model in the shared workdir; the rest read it
+        if jax.process_index() == 0:
+            load_or_train()
+        hosts.barrier("tokenizer")
+    return load_or_train()
+
+
+def build_datasets(
+    config: ml_collections.ConfigDict,
+    workdir: str | os.PathLike,
+    *,
+    batch_multiple: int = 1,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+) -> Datasets:
+    """Tokenizer, prepared ids and batches for ``config`` (its ``data`` section, ``task`` and ``seed``).
+
+    Args:
+      config: the experiment config.
+      workdir: the run's directory (local or ``gs://``).
+      batch_multiple: global batch sizes are made multiples of this (the number of batch shards).
+      shard_index / shard_count: this host's data shard; default ``jax.process_index()/process_count()``.
+
+    Returns:
+      A ``Datasets``.
+    """
+    prepared = prepare(config, workdir)
+    return _datasets(config, prepared, batch_multiple, shard_index, shard_count, train=True)
+
+
+def build_eval_datasets(
+    config: ml_collections.ConfigDict,
+    workdir: str | os.PathLike,
+    *,
+    tokenizer=None,
+    batch_multiple: int = 1,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+) -> Datasets:
+    """Validation batches and validation/test pairs of a run, for its readers (``train`` is None).
+
+    It trains no tokenizer, never reads the training split and writes nothing into the workdir: the validation
+    ids the run prepared are reused, or encoded into the temp folder. Other arguments as for ``build_datasets``.
+
+    Args:
+      tokenizer: the run's tokenizer when the caller has it; else it is read from the workdir.
+
+    Raises:
+      FileNotFoundError: a text data set and no tokenizer in the workdir.
+    """
+    if tokenizer is None and sources_lib.uses_tokenizer(config.data):
+        tokenizer = tok.load_run_tokenizer(workdir)
+    prepared = prepare(config, workdir, splits=("validation",), tokenizer=tokenizer, read_only=True)
+    return _datasets(config, prepared, batch_multiple, shard_index, shard_count, train=False)
+
+
+def _datasets(config, prepared: Prepared, batch_multiple, shard_index, shard_count, *, train: bool) -> Datasets:
+    data = config.data
+    shard = {
+        "shard_index": jax.process_index() if shard_index is None else shard_index,
+        "shard_count": jax.process_count() if shard_count is None else shard_count,
+    }
+    train_config = PipelineConfig(
+        max_length=data.max_length, overlong=data.overlong, tokens_per_batch=data.tokens_per_batch,
+        batch_multiple=batch_multiple, packing=field(data, "packing"), task=config.task, seed=config.seed,
+        num_threads=data.num_threads, worker_count=field(data, "worker_count"),
+    )  # fmt: skip
+    eval_config = dataclasses.replace(train_config, tokens_per_batch=data.eval_tokens_per_batch, shuffle=False)
+    validation = eval_batches(prepared.splits["validation"], eval_config, **shard)
+    report = {"validation": dataclasses.asdict(validation.stats)}
+    training = None
+    if train:
+        batches = train_batches(prepared.splits["train"], train_config, **shard)
+        training = _ModelBatches(batches.iterator())
+        report = {"train": dataclasses.asdict(batches.stats) | prepared.splits["train"].issues} | report
+    return Datasets(
+        train=training,
+        eval_batches=lambda: _ModelBatches(validation.iterator()),
+        tokenizer=prepared.tokenizer,
+        vocab_size=prepared.vocab_size,
+        validation_pairs=sources_lib.text_pairs(prepared.sources["validation"], data),
+        test_pairs=sources_lib.text_pairs(prepared.sources["test"], data),
+        batch_multiple=batch_multiple,
+        fingerprint=fingerprint(config, prepared.tokenizer),
+        report=report,
+    )
+
+
+class _ModelBatches:
+    """Keeps only the model's keys (drops ``example_index``) and forwards the iterator state."""
+
+    def __init__(self, iterator):
         self._iterator = iterator
-        self._keys = _MODEL_KEYS if task == "translation" else _MODEL_KEYS[1:]
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict:
         batch = next(self._iterator)
-        return {key: batch[key] for key in self._keys}
+        return {key: value for key, value in batch.items() if key != "example_index"}
 
     def get_state(self):
         return self._iterator.get_state()
@@ -76,140 +271,16 @@ class _ModelBatches:
     def set_state(self, state) -> None:
         self._iterator.set_state(state)
 
-
-def build_datasets(
-    config: ml_collections.ConfigDict,
-    workdir: str | pathlib.Path,
-    *,
-    batch_multiple: int = 1,
-    shard_index: int | None = None,
-    shard_count: int | None = None,
-) -> Datasets:
-    """Sources, tokenizer and batches for ``config`` (its ``data`` section, ``task`` and ``seed``).
-
-    Args:
-      config: the experiment config.
-      workdir: the run's directory (the tokenizer and cached lengths live there).
-      batch_multiple: global batch sizes are made multiples of this (the number of batch shards).
-      shard_index / shard_count: this host's data shard; default ``jax.process_index()/process_count()``.
-
-    Returns:
-      A ``Datasets``.
-    """
-    data = config.data
-    if data.name not in DATASETS:
-        raise ValueError(f"config.data.name must be one of {DATASETS}, got {data.name!r}")
-    workdir = pathlib.Path(workdir)
-    shard_index = jax.process_index() if shard_index is None else shard_index
-    shard_count = jax.process_count() if shard_count is None else shard_count
-    sources, tokenizer, encode_pair, vocab_size = _sources(config, workdir)
-    if config.task == "lm":
-        encode_pair = _target_only(encode_pair)
-    fingerprint = _fingerprint(config, workdir, tokenizer)
-    train_config = PipelineConfig(
-        max_length=data.max_length, overlong=data.overlong, tokens_per_batch=data.tokens_per_batch,
-        batch_multiple=batch_multiple, seed=config.seed, num_threads=data.num_threads,
-    )  # fmt: skip
-    eval_config = dataclasses.replace(train_config, tokens_per_batch=data.eval_tokens_per_batch, shuffle=False)
-    text_issues = collections.Counter()
-    lengths = load_or_measure_lengths(
-        workdir / "lengths_train.npz", sources["train"], encode_pair, fingerprint=fingerprint, issues=text_issues
-    )
-    train = train_batches(
-        sources["train"], encode_pair, train_config, shard_index=shard_index, shard_count=shard_count, lengths=lengths
-    )
-    validation = eval_batches(
-        sources["validation"], encode_pair, eval_config, shard_index=shard_index, shard_count=shard_count
-    )
-    return Datasets(
-        train=_ModelBatches(train.iterator(), config.task),
-        eval_batches=lambda: _ModelBatches(validation.iterator(), config.task),
-        tokenizer=tokenizer,
-        vocab_size=vocab_size,
-        validation_pairs=_pairs(sources["validation"], data),
-        test_pairs=_pairs(sources["test"], data),
-        batch_multiple=batch_multiple,
-        fingerprint=fingerprint,
-        report={
-            "train": dataclasses.asdict(train.stats) | {issue: text_issues[issue] for issue in TEXT_ISSUES},
-            "validation": dataclasses.asdict(validation.stats),
-        },
-    )
+    def close(self) -> None:
+        self._iterator.close()
 
 
-def _sources(config, workdir: pathlib.Path):
-    """``(sources per split, tokenizer or None, pair encoder, vocabulary size)``."""
-    data = config.data
-    if data.name == "copy":
-        return _copy_sources(data.copy), None, token_pair_encoder("source", "target"), data.copy.vocab_size
-    if data.name == "ding_en_de":
-        sources = ding_sources(data.data_dir or None, phrases=data.phrases, ding_file=data.ding_file or None)
-    else:
-        sources = wmt14_sources(data.data_dir or None)
-    keys = (data.source_key, data.target_key)
-    load_or_train = functools.partial(
-        tok.load_or_train_tokenizer,
-        workdir / "tokenizer",
-        lambda: tok.training_texts(sources["train"], keys=keys, max_examples=data.tokenizer_examples),
-        vocab_size=data.vocab_size,
-        model_type=data.tokenizer_type,
-    )
-    if jax.process_count() > 1:  # process 0 trains (or finds) the model in the shared workdir; the rest read it
-        if jax.process_index() == 0:
-            load_or_train()
-        hosts.barrier("tokenizer")
-    tokenizer = load_or_train()
-    encoder = text_pair_encoder(tokenizer, *keys, invalid_utf8=data.invalid_utf8)
-    return sources, tokenizer, encoder, data.vocab_size
-
-
-def _copy_sources(copy) -> dict[str, CopySource]:
-    """Train, validation and test copy sets drawn from different seeds, so evaluation is held out."""
-    sizes = {"train": copy.train_examples, "validation": copy.eval_examples, "test": copy.eval_examples}
-    return {
-        split: CopySource(
-            num_examples=size,
-            vocab_size=copy.vocab_size,
-            min_length=copy.min_length,
-            max_length=copy.max_length,
-            reverse=copy.reverse,
-            seed=copy.seed * len(sizes) + i,
-        )  # fmt: skip
-        for i, (split, size) in enumerate(sizes.items())
-    }
-
-
-def _target_only(encode_pair):
-    """Language modelling reads only the target side: both halves of the pair are the target."""
-
-    def encode(example):
-        _, target = encode_pair(example)
-        return target, target
-
-    return encode
-
-
-def _pairs(source, data) -> list:
-    """Every example of a split as ``(source, reference)``: text, or id arrays for the copy task."""
-    examples = read_examples(source, list(range(len(source))))
-    if data.name == "copy":
-        return [(np.asarray(e["source"], np.int32), np.asarray(e["target"], np.int32)) for e in examples]
-    return [tuple(_text(e, key, index, data) for key in (data.source_key, data.target_key)) for index, e in
-            enumerate(examples)]  # fmt: skip
-
-
-def _text(example, key: str, index: int, data) -> str:
-    try:
-        return clean_text(example[key], invalid_utf8=data.invalid_utf8)[0]
-    except DataError as error:
-        raise DataError(f"{data.name}: record {index}, feature {key!r}: {error}") from None
-
-
-def _fingerprint(config, workdir: pathlib.Path, tokenizer) -> str:
-    """A short hash of the data settings and the tokenizer model: lengths caches and checkpoints compare it."""
-    digest = hashlib.sha256(config.data.to_json_best_effort(sort_keys=True).encode())
+def fingerprint(config: ml_collections.ConfigDict, tokenizer) -> str:
+    """A short hash of the data settings that shape the batches, the task and the tokenizer model (checkpoints
+    compare it; settings of speed alone, such as worker counts, are left out)."""
+    settings = {k: v for k, v in config.data.to_dict().items() if k not in _RUNTIME_FIELDS}
+    digest = hashlib.sha256(ml_collections.ConfigDict(settings).to_json_best_effort(sort_keys=True).encode())
     digest.update(config.task.encode())
-    model_file = workdir / "tokenizer" / "sentencepiece.model"
-    if tokenizer is not None and model_file.is_file():
-        digest.update(model_file.read_bytes())
+    if tokenizer is not None:
+        digest.update(tokenizer.serialized_model_proto())
     return digest.hexdigest()[:16]

@@ -1,23 +1,26 @@
-"""The Grain input pipeline: data source ▸ tokenize ▸ filter/truncate ▸ bucket by length ▸ batch ▸ shard.
+"""The Grain pipeline: prepared ids ▸ shuffle ▸ pack or bucket ▸ batch ▸ shard, in threads or worker processes.
 
-Before batching, one pass tokenizes every example to learn its length (``measure_lengths``), so the counts
-of dropped and truncated examples are exact and known up front (``PipelineStats``), and each epoch's
-batches can be planned deterministically from the seed (``attn_jax.data.batching``). The batches then form
-a random-access ``grain.MapDataset``: batch ``i`` depends on ``i`` alone, so its iterator's state is one
-index (``get_state``/``set_state``), and a restored run sees byte-identical batches.
+It starts from a ``PreparedSplit`` (ids in ArrayRecord files and the length of every pair) and reads nothing
+else: the lengths decide, per epoch and from the seed alone, which pairs go where (a ``batching.Plan``: length
+buckets, or rows packed by ``attn_jax.data.packing``), and batch ``i`` then reads exactly its pairs' ids and lays
+them out with a few vectorised NumPy operations. As batch ``i`` depends on ``i`` alone, the batches form a
+random-access ``grain.MapDataset``; the iterator's state is the index of the next batch
+(``{"next_index": i}``), so a restored run sees byte-identical batches whatever the number of threads or worker
+processes (``worker_count``: Grain's multiprocess prefetch, each worker assembling every ``worker_count``-th batch).
 
-Each batch is a dict of ``int32`` NumPy arrays with ``0 = PAD_ID`` as padding, at the end of each row:
+Each batch is a dict of ``int32`` NumPy arrays with ``0 = PAD_ID`` as padding:
 
-* ``inputs``       ``[B, L]``  source ids + ``EOS_ID``
-* ``targets_in``   ``[B, L]``  ``BOS_ID`` + target ids (decoder input, teacher forcing)
-* ``targets_out``  ``[B, L]``  target ids + ``EOS_ID`` (what the decoder predicts; weights are
-  ``targets_out != 0``)
-* ``example_index`` ``[B]``   index of the row's example in the source; ``-1`` for filler rows, which
-  are all padding (evaluation only)
+* ``inputs``       ``[B, S]``  source ids + ``EOS_ID`` (translation only)
+* ``targets_in``   ``[B, T]``  ``BOS_ID`` + target ids (decoder input, teacher forcing)
+* ``targets_out``  ``[B, T]``  target ids + ``EOS_ID`` (what the decoder predicts; weights are
+  ``targets_out != 0``); a pair cut at the row length keeps no EOS (the sentence goes on)
+* packed batches: ``inputs_segment_ids``, ``inputs_positions``, ``targets_segment_ids``, ``targets_positions``
+  ``[B, S]`` / ``[B, T]``: 1, 2, ... per pair in its row (0 = padding) and positions restarting at 0 per pair
+* unpacked batches: ``example_index`` ``[B]``: the row's pair, ``-1`` for all-padding filler rows (evaluation)
 
+Bucketed batches have ``S = T`` = the bucket length; packed rows are ``(L_s, L_t)`` long (see ``packing``).
 Batches are planned for the global batch; host ``shard_index`` of ``shard_count`` gets rows
-``[shard_index * B, (shard_index + 1) * B)`` of each, so every host steps through the same bucket shapes
-in the same order (needed to assemble one global array per step).
+``[shard_index * B, (shard_index + 1) * B)`` of each, so every host steps through the same shapes.
 """
 
 import dataclasses
@@ -29,31 +32,36 @@ from typing import Literal
 
 import grain
 import numpy as np
+from absl import flags
 
-from attn_jax.data import batching
-from attn_jax.data.encoding import PairEncoder, measure_lengths, read_examples
-from attn_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from attn_jax.data import batching, packing
+from attn_jax.data.assembly import assemble
+from attn_jax.data.prepared import PreparedSplit
 
 Batch = dict[str, np.ndarray]
 
 
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
-    """How examples become batches.
+    """How prepared pairs become batches.
 
     Attributes:
-      max_length: longest padded row, special ids included.
+      max_length: longest row (special ids included); longer pairs are dropped or truncated.
       overlong: what training does with longer pairs: ``"drop"`` or ``"truncate"``. Evaluation always
         truncates, as it never drops.
       tokens_per_batch: most padded tokens per batch and per side, over all hosts (the paper: 25000).
       batch_multiple: global batch sizes are multiples of this (the number of devices).
       bucket_boundaries: bucket lengths (multiples of 8 advised); ``None`` derives them from
         ``max_length`` with ``batching.bucket_boundaries``.
+      packing: pack several pairs into each row (training only) instead of one pair per bucketed row.
+      task: ``"translation"`` or ``"lm"`` (target side only: no ``inputs``).
       seed: seed of the per-epoch shuffle.
-      shuffle: shuffle training examples and batches each epoch.
+      shuffle: shuffle training pairs and batches each epoch.
       num_epochs: training epochs; ``None`` repeats forever.
-      num_threads: threads that prepare batches ahead of the training step.
-      prefetch_buffer_size: batches prepared ahead.
+      num_threads: threads that assemble batches ahead of the training step (without worker processes).
+      prefetch_buffer_size: batches assembled ahead.
+      worker_count: Grain worker processes assembling batches; 0 = threads of this process.
+      worker_buffer_size: batches each worker process prepares ahead.
     """
 
     max_length: int = 256
@@ -61,17 +69,23 @@ class PipelineConfig:
     tokens_per_batch: int = 4096
     batch_multiple: int = 1
     bucket_boundaries: tuple[int, ...] | None = None
+    packing: bool = False
+    task: Literal["translation", "lm"] = "translation"
     seed: int = 0
     shuffle: bool = True
     num_epochs: int | None = None
     num_threads: int = 4
     prefetch_buffer_size: int = 16
+    worker_count: int = 0
+    worker_buffer_size: int = 2
 
     def __post_init__(self):
         if self.max_length < 2:
             raise ValueError(f"max_length must be >= 2 (one token and EOS), got {self.max_length}")
         if self.overlong not in ("drop", "truncate"):
             raise ValueError(f"overlong must be 'drop' or 'truncate', got {self.overlong!r}")
+        if self.task not in ("translation", "lm"):
+            raise ValueError(f"task must be 'translation' or 'lm', got {self.task!r}")
         if self.bucket_boundaries is not None and (
             list(self.bucket_boundaries) != sorted(set(self.bucket_boundaries))
             or self.bucket_boundaries[-1] < self.max_length
@@ -89,19 +103,23 @@ class PipelineConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PipelineStats:
-    """Exact counts of what happened to the examples (the same on every host).
+    """Exact counts of what happened to the pairs (the same on every host).
 
     Attributes:
-      num_examples: examples in the source.
-      dropped_empty: examples with an empty source or target side, left out (training only).
-      dropped_too_long: examples longer than ``max_length``, left out (``overlong="drop"``).
-      truncated: examples longer than ``max_length``, cut to it.
-      batched_per_epoch: examples in the batches of one epoch (training: full batches only; the rest of
-        each bucket waits for a later epoch).
+      num_examples: pairs in the split.
+      dropped_empty: pairs with an empty side (the target side for ``lm``), left out (training only).
+      dropped_too_long: pairs longer than a row, left out (``overlong="drop"``).
+      truncated: pairs longer than a row, cut to it.
+      batched_per_epoch: pairs in the batches of one epoch (training: full batches only; the rest waits for a
+        later epoch).
       filler_rows: all-padding rows added to fill the last batch of each bucket (evaluation only).
-      batches_per_epoch: number of batches in one epoch.
-      examples_per_bucket: bucket length -> examples in that bucket.
-      batch_shapes: the static ``(B, L)`` shapes this host sees.
+      batches_per_epoch: batches in one epoch.
+      examples_per_bucket: bucket length -> pairs in that bucket (empty when packing).
+      batch_shapes: the static ``(B, S, T)`` shapes this host sees (rows, source and target row length).
+      packing: whether rows are packed.
+      pairs_per_row: pairs per row, averaged over the epoch.
+      padding_fraction: share of padding among the token slots of the epoch's batches, both sides together.
+      padding_fraction_inputs / padding_fraction_targets: the same per side (``inputs`` is 0 for ``lm``).
     """
 
     num_examples: int
@@ -112,246 +130,289 @@ class PipelineStats:
     filler_rows: int
     batches_per_epoch: int
     examples_per_bucket: dict[int, int]
-    batch_shapes: tuple[tuple[int, int], ...]
+    batch_shapes: tuple[tuple[int, int, int], ...]
+    packing: bool
+    pairs_per_row: float
+    padding_fraction: float
+    padding_fraction_inputs: float
+    padding_fraction_targets: float
 
 
-@dataclasses.dataclass(frozen=True)
 class Batches:
-    """Batches of one split for one host.
+    """Batches of one split for one host: ``iterator()`` gives a fresh, checkpointable iterator.
 
     Attributes:
       dataset: random-access batches (``len`` is huge when repeating forever).
-      stats: what happened to the examples.
-      read_options: threads and prefetch used by ``iterator``.
+      stats: what happened to the pairs.
+      config: the pipeline settings (threads, worker processes).
     """
 
-    dataset: grain.MapDataset
-    stats: PipelineStats
-    read_options: grain.ReadOptions
+    def __init__(self, dataset: grain.MapDataset, stats: PipelineStats, config: PipelineConfig):
+        self.dataset, self.stats, self.config = dataset, stats, config
 
-    def iterator(self) -> grain.DatasetIterator:
-        """A prefetching iterator with ``get_state()``/``set_state()`` for checkpoints."""
-        return iter(self.dataset.to_iter_dataset(self.read_options))
+    def iterator(self) -> "BatchIterator":
+        """An iterator with ``get_state()`` / ``set_state()`` for checkpoints; workers start at the first batch."""
+        return BatchIterator(self.dataset, self.config)
 
     def __iter__(self) -> Iterator[Batch]:
         return self.iterator()
 
 
+class BatchIterator:
+    """Iterates over a ``Batches`` dataset from a given index, in threads or Grain worker processes.
+
+    Its state is ``{"next_index": i}`` (the form Grain's own ``MapDataset`` iterators save): batch ``i`` is a
+    function of ``i``, so restoring it, with any number of threads or workers, continues byte for byte.
+    """
+
+    def __init__(self, dataset: grain.MapDataset, config: PipelineConfig, next_index: int = 0):
+        self._dataset, self._config, self._next_index = dataset, config, next_index
+        self._iterator = None
+
+    def __iter__(self) -> "BatchIterator":
+        return self
+
+    def __next__(self) -> Batch:
+        if self._iterator is None:
+            self._iterator = iter(self._grain_dataset(self._next_index))
+        batch = next(self._iterator)
+        self._next_index += 1
+        return batch
+
+    def get_state(self) -> dict:
+        return {"next_index": self._next_index}
+
+    def set_state(self, state: dict) -> None:
+        self.close()
+        self._next_index = int(state["next_index"])
+
+    def close(self) -> None:
+        """Stops the worker processes or threads (a later ``next`` starts them again)."""
+        if self._iterator is not None and hasattr(self._iterator, "close"):
+            self._iterator.close()
+        self._iterator = None
+
+    def _grain_dataset(self, start: int) -> grain.IterDataset:
+        config = self._config
+        remaining = self._dataset[start:] if start else self._dataset
+        if config.worker_count == 0:
+            options = grain.ReadOptions(
+                num_threads=config.num_threads, prefetch_buffer_size=config.prefetch_buffer_size
+            )
+            return remaining.to_iter_dataset(options)
+        # Grain reads its options from absl flags, which a program that is not an absl app never parses: their
+        # defaults then stand.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        # In the workers a batch is assembled in one thread; the parent only passes batches on.
+        dataset = remaining.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+        options = grain.MultiprocessingOptions(
+            num_workers=config.worker_count, per_worker_buffer_size=config.worker_buffer_size
+        )
+        return dataset.mp_prefetch(options)
+
+
 def train_batches(
-    source: grain.sources.RandomAccessDataSource,
-    encode_pair: PairEncoder,
-    config: PipelineConfig,
-    *,
-    shard_index: int = 0,
-    shard_count: int = 1,
-    lengths: np.ndarray | None = None,
+    split: PreparedSplit, config: PipelineConfig, *, shard_index: int = 0, shard_count: int = 1
 ) -> Batches:
-    """Shuffled, length-bucketed training batches, reshuffled every epoch.
+    """Shuffled training batches, bucketed or packed, reshuffled (and repacked) every epoch.
 
     Args:
-      source: random-access examples (a TFDS data source, ``CopySource``, a list).
-      encode_pair: turns an example into ``(source ids, target ids)``.
+      split: the prepared ids and lengths.
       config: batching settings.
-      shard_index: this host's index (``jax.process_index()``; ``grain.sharding.ShardByJaxProcess()``
-        holds both as ``shard_index`` and ``shard_count``).
+      shard_index: this host's index (``jax.process_index()``).
       shard_count: number of hosts (``jax.process_count()``).
-      lengths: output of ``measure_lengths`` when already known (it is computed otherwise).
 
     Returns:
       The batches of this host, with stats.
-
-    Example:
-      >>> from attn_jax.data.copy_task import CopySource
-      >>> from attn_jax.data.encoding import token_pair_encoder
-      >>> config = PipelineConfig(max_length=16, tokens_per_batch=64, num_threads=0)
-      >>> batches = train_batches(CopySource(50, vocab_size=20, max_length=10), token_pair_encoder(), config)
-      >>> batch = next(iter(batches))
-      >>> sorted(batch), batch["inputs"].shape in batches.stats.batch_shapes
-      (['example_index', 'inputs', 'targets_in', 'targets_out'], True)
     """
-    lengths = measure_lengths(source, encode_pair) if lengths is None else lengths
-    padded, status = _padded_lengths(lengths, config, evaluation=False)
-    boundaries = config.boundaries
-    buckets = np.where(status >= 0, batching.assign_buckets(padded, boundaries), -1)
-    sizes = batching.batch_sizes(boundaries, config.tokens_per_batch, _multiple(config, shard_count))
-    planner = _EpochPlanner(buckets, sizes, seed=config.seed, shuffle=config.shuffle)
-    epoch_batches = planner(0)
-    if not epoch_batches:
-        raise ValueError(f"{len(source)} examples fill no batch of sizes {sizes}: lower tokens_per_batch")
-    make_batch = _batch_maker(source, encode_pair, config, shard_index, shard_count)
-    num_batches = len(epoch_batches)
-
-    def batch_at(index: int, _: int) -> Batch:
-        bucket, examples = planner(index // num_batches)[index % num_batches]
-        return make_batch(bucket, examples)
-
-    dataset = grain.MapDataset.range(num_batches).repeat(config.num_epochs).map_with_index(batch_at)
-    stats = _stats(lengths, status, buckets, boundaries, sizes, epoch_batches, shard_count)
-    return Batches(dataset, stats, _read_options(config))
+    _check_shard(shard_index, shard_count)
+    limits, status = _row_limits(split.lengths, config, evaluation=False)
+    segments = _segments(split.lengths, limits, config.task)
+    kept = status >= 0
+    multiple = math.lcm(config.batch_multiple, shard_count)
+    if config.packing:
+        rows = config.tokens_per_batch // max(limits) // multiple * multiple
+        if rows < 1:
+            raise ValueError(f"tokens_per_batch={config.tokens_per_batch} cannot hold {multiple} rows of {max(limits)}")
+        buckets = None
+        make_plan = functools.partial(packing.packed_plan, segments, kept, limits, rows, seed=config.seed,
+                                      shuffle=config.shuffle)  # fmt: skip
+        # Packing varies a little per epoch: every epoch gets the count of the first less 1% (see packed_plan).
+        full = len(make_plan(epoch=0, num_batches=None))
+        num_batches = full - (math.ceil(0.01 * full) + 1 if full > 2 else 0)
+    else:
+        boundaries = config.boundaries
+        buckets = np.where(kept, batching.assign_buckets(segments.max(axis=1), boundaries), -1)
+        sizes = batching.batch_sizes(boundaries, config.tokens_per_batch, multiple)
+        make_plan = functools.partial(_bucket_epoch, buckets, sizes, boundaries, seed=config.seed,
+                                      shuffle=config.shuffle)  # fmt: skip
+        num_batches = len(make_plan(epoch=0, num_batches=None))
+    if num_batches < 1:
+        raise ValueError(
+            f"{len(split)} pairs fill no batch of {config.tokens_per_batch} tokens: lower tokens_per_batch"
+        )
+    planner = _Planner(make_plan, num_batches)
+    first = planner(0)
+    assemble = _Assembler(split, limits, config, shard_index, shard_count, planner)
+    dataset = grain.MapDataset.range(planner.num_batches).repeat(config.num_epochs).map_with_index(assemble)
+    stats = _stats(split.lengths, status, segments, buckets, first, config, shard_count, filler_rows=0)
+    return Batches(dataset, stats, config)
 
 
 def eval_batches(
-    source: grain.sources.RandomAccessDataSource,
-    encode_pair: PairEncoder,
-    config: PipelineConfig,
-    *,
-    shard_index: int = 0,
-    shard_count: int = 1,
-    lengths: np.ndarray | None = None,
+    split: PreparedSplit, config: PipelineConfig, *, shard_index: int = 0, shard_count: int = 1
 ) -> Batches:
-    """One pass over every example, bucketed, in a fixed order; nothing is dropped.
+    """One pass over every pair, bucketed (never packed), in a fixed order; nothing is dropped.
 
-    Over-long examples are truncated to ``max_length`` (counted in ``stats.truncated``), and the last batch
-    of each bucket is filled with all-padding rows whose ``example_index`` is ``-1`` (so their weights
-    ``targets_out != 0`` are zero). Arguments as in ``train_batches``; ``seed``, ``shuffle`` and
-    ``num_epochs`` are ignored.
+    Over-long pairs are truncated to ``max_length`` (counted in ``stats.truncated``), and the last batch of each
+    bucket is filled with all-padding rows whose ``example_index`` is ``-1`` (so their weights ``targets_out !=
+    0`` are zero). Arguments as in ``train_batches``; ``packing``, ``seed``, ``shuffle``, ``num_epochs`` and
+    ``worker_count`` are ignored.
 
     Returns:
       The batches of this host, with stats.
-
-    Example:
-      >>> from attn_jax.data.encoding import token_pair_encoder
-      >>> examples = [{"source": [5] * n, "target": [6] * n} for n in (1, 2, 12, 3)]
-      >>> config = PipelineConfig(max_length=16, tokens_per_batch=32)
-      >>> [batch["example_index"].tolist() for batch in eval_batches(examples, token_pair_encoder(), config)]
-      [[0, 1, 3, -1], [2, -1]]
     """
-    lengths = measure_lengths(source, encode_pair) if lengths is None else lengths
-    padded, status = _padded_lengths(lengths, config, evaluation=True)
+    _check_shard(shard_index, shard_count)
+    config = dataclasses.replace(config, packing=False, worker_count=0)
+    limits, status = _row_limits(split.lengths, config, evaluation=True)
+    segments = _segments(split.lengths, limits, config.task)
     boundaries = config.boundaries
-    buckets = batching.assign_buckets(padded, boundaries)
-    sizes = batching.batch_sizes(boundaries, config.tokens_per_batch, _multiple(config, shard_count))
-    plan = batching.plan_single_pass(buckets, sizes)
-    make_batch = _batch_maker(source, encode_pair, config, shard_index, shard_count)
-    dataset = grain.MapDataset.range(len(plan)).map(lambda index: make_batch(*plan[index]))
-    stats = _stats(lengths, status, buckets, boundaries, sizes, plan, shard_count)
-    return Batches(dataset, stats, _read_options(config))
+    buckets = batching.assign_buckets(segments.max(axis=1), boundaries)
+    sizes = batching.batch_sizes(boundaries, config.tokens_per_batch, math.lcm(config.batch_multiple, shard_count))
+    single_pass = batching.plan_single_pass(buckets, sizes)
+    plan = batching.bucket_plan(single_pass, boundaries)
+    fillers = sum(int((rows == batching.NO_EXAMPLE).sum()) for _, rows in single_pass)
+    planner = _Planner(lambda epoch, num_batches: plan, len(plan))
+    dataset = grain.MapDataset.range(len(plan)).map_with_index(_Assembler(split, limits, config, shard_index,
+                                                                          shard_count, planner))  # fmt: skip
+    stats = _stats(split.lengths, status, segments, buckets, plan, config, shard_count, filler_rows=fillers)
+    return Batches(dataset, stats, config)
 
 
-# Status of an example, from `_padded_lengths`.
+# Status of a pair, from `_row_limits`.
 _KEPT, _TRUNCATED, _DROPPED_EMPTY, _DROPPED_TOO_LONG = 0, 1, -1, -2
 
 
-def _padded_lengths(lengths: np.ndarray, config: PipelineConfig, *, evaluation: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Row length of each example (special ids included, capped) and its status code."""
-    # +1: EOS after the source; BOS before / EOS after the target.
-    longest = lengths.max(axis=1, initial=0) + 1
-    too_long = longest > config.max_length
+def _row_limits(lengths: np.ndarray, config: PipelineConfig, *, evaluation: bool) -> tuple[tuple[int, int], np.ndarray]:
+    """The most tokens a pair may take on each side (special ids included) and each pair's status.
+
+    Unpacked rows allow ``max_length`` on each side; packed rows are ``packing.packed_row_lengths`` long.
+    """
+    limits = (config.max_length, config.max_length)
+    if config.packing and not evaluation:
+        limits = packing.packed_row_lengths(_segments(lengths, limits, config.task), config.max_length)
+    segments_uncut = _segments(lengths, (np.iinfo(np.int32).max,) * 2, config.task)
+    too_long = (segments_uncut > np.asarray(limits)).any(axis=1)
     status = np.where(too_long, _TRUNCATED, _KEPT)
     if not evaluation:
         if config.overlong == "drop":
             status = np.where(too_long, _DROPPED_TOO_LONG, status)
-        status = np.where(lengths.min(axis=1) == 0, _DROPPED_EMPTY, status)
-    return np.minimum(longest, config.max_length), status
+        sides = lengths if config.task == "translation" else lengths[:, 1:]
+        status = np.where(sides.min(axis=1, initial=np.iinfo(np.int32).max) == 0, _DROPPED_EMPTY, status)
+    return limits, status
 
 
-def _batch_maker(
-    source: grain.sources.RandomAccessDataSource,
-    encode_pair: PairEncoder,
-    config: PipelineConfig,
-    shard_index: int,
-    shard_count: int,
-) -> Callable[[int, np.ndarray], Batch]:
-    """``(bucket, planned example indices) -> this host's batch``."""
+def _segments(lengths: np.ndarray, limits: tuple[int, int], task: str) -> np.ndarray:
+    """``[N, 2]`` tokens each pair takes in its row(s): source + EOS, BOS + target (or target + EOS), capped."""
+    source = np.minimum(lengths[:, 0].astype(np.int64) + 1, limits[0])
+    target = np.minimum(lengths[:, 1].astype(np.int64) + 1, limits[1])
+    return np.stack([source if task == "translation" else np.zeros_like(source), target], axis=1)
+
+
+def _check_shard(shard_index: int, shard_count: int) -> None:
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"need 0 <= shard_index < shard_count, got {shard_index}, {shard_count}")
-    return functools.partial(
-        _collate,
-        source=source,
-        encode_pair=encode_pair,
-        max_length=config.max_length,
-        boundaries=config.boundaries,
-        # This host's contiguous block of rows of the global batch.
-        rows=lambda examples: np.split(examples, shard_count)[shard_index],
+
+
+def _bucket_epoch(buckets, sizes, boundaries, *, seed: int, shuffle: bool, epoch: int, num_batches) -> batching.Plan:
+    """One pair per row, length-bucketed; every epoch has the same number of batches."""
+    del num_batches
+    return batching.bucket_plan(
+        batching.plan_epoch(buckets, sizes, seed=seed, epoch=epoch, shuffle=shuffle), boundaries
     )
 
 
-def _collate(
-    bucket: int,
-    examples: np.ndarray,
-    *,
-    source: grain.sources.RandomAccessDataSource,
-    encode_pair: PairEncoder,
-    max_length: int,
-    boundaries: tuple[int, ...],
-    rows: Callable[[np.ndarray], np.ndarray],
-) -> Batch:
-    """This host's rows of one planned batch, tokenized and padded to the bucket length."""
-    examples = rows(examples)
-    shape = (len(examples), boundaries[bucket])
-    batch = {name: np.full(shape, PAD_ID, np.int32) for name in ("inputs", "targets_in", "targets_out")}
-    real = np.flatnonzero(examples != batching.NO_EXAMPLE)
-    for row, example in zip(real, read_examples(source, examples[real].tolist()), strict=True):
-        inputs, targets_in, targets_out = _teacher_forcing(*encode_pair(example), max_length)
-        batch["inputs"][row, : len(inputs)] = inputs
-        batch["targets_in"][row, : len(targets_in)] = targets_in
-        batch["targets_out"][row, : len(targets_out)] = targets_out
-    batch["example_index"] = examples.astype(np.int32)
-    return batch
+class _Planner:
+    """Plans of recent epochs, computed once per process and shared by its prefetch threads.
 
-
-def _teacher_forcing(
-    source_ids: np.ndarray, target_ids: np.ndarray, max_length: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(source + EOS, BOS + target, target + EOS), each cut to ``max_length``.
-
-    A cut target keeps no EOS: the sentence goes on, and the model must not learn to stop there.
+    Args:
+      make_plan: ``(epoch=, num_batches=) -> Plan``; picklable (each worker process plans for itself).
+      num_batches: batches per epoch.
     """
-    inputs = np.append(source_ids[: max_length - 1], EOS_ID)
-    targets_in = np.insert(target_ids[: max_length - 1], 0, BOS_ID)
-    fits = len(target_ids) < max_length
-    targets_out = np.append(target_ids, EOS_ID) if fits else target_ids[:max_length]
-    return inputs, targets_in, targets_out
 
+    def __init__(self, make_plan: Callable[..., batching.Plan], num_batches: int):
+        self.make_plan, self.num_batches = make_plan, num_batches
+        self._lock, self._plans = threading.Lock(), {}
 
-def _multiple(config: PipelineConfig, shard_count: int) -> int:
-    """Global batch sizes must split over devices and over hosts."""
-    return math.lcm(config.batch_multiple, shard_count)
+    def __getstate__(self):  # a lock does not pickle
+        return {"make_plan": self.make_plan, "num_batches": self.num_batches}
 
+    def __setstate__(self, state):
+        self.__dict__.update(state, _lock=threading.Lock(), _plans={})
 
-def _read_options(config: PipelineConfig) -> grain.ReadOptions:
-    return grain.ReadOptions(num_threads=config.num_threads, prefetch_buffer_size=config.prefetch_buffer_size)
-
-
-class _EpochPlanner:
-    """Plans of recent epochs, computed once and shared by the prefetch threads."""
-
-    def __init__(self, buckets: np.ndarray, sizes: tuple[int, ...], *, seed: int, shuffle: bool):
-        self._buckets, self._sizes, self._seed, self._shuffle = buckets, sizes, seed, shuffle
-        self._lock = threading.Lock()
-        self._plans: dict[int, list[tuple[int, np.ndarray]]] = {}
-
-    def __call__(self, epoch: int) -> list[tuple[int, np.ndarray]]:
+    def __call__(self, epoch: int) -> batching.Plan:
         with self._lock:
             if epoch not in self._plans:
                 # Prefetching crosses at most one epoch boundary, so two plans suffice.
                 self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}
-                self._plans[epoch] = batching.plan_epoch(
-                    self._buckets, self._sizes, seed=self._seed, epoch=epoch, shuffle=self._shuffle
-                )
+                self._plans[epoch] = self.make_plan(epoch=epoch, num_batches=self.num_batches)
             return self._plans[epoch]
 
 
+class _Assembler:
+    """``(index, _) -> this host's rows of batch index``: reads the planned pairs' ids and lays them out."""
+
+    def __init__(self, split: PreparedSplit, limits, config: PipelineConfig, shard_index, shard_count, planner):
+        self._source, self._lengths, self._dtype = split.source(), split.lengths, np.dtype(split.dtype)
+        self._limits, self._config, self._planner = limits, config, planner
+        self._shard_index, self._shard_count = shard_index, shard_count
+
+    def __call__(self, index: int, _: int) -> Batch:
+        per_epoch = self._planner.num_batches
+        plan = self._planner(index // per_epoch)
+        batch = index % per_epoch
+        items = plan.items(batch)
+        rows = int(plan.rows[batch]) // self._shard_count
+        first_row = self._shard_index * rows
+        row = plan.row[items]
+        mine = (row >= first_row) & (row < first_row + rows)
+        example = plan.example[items][mine]
+        records = self._source.__getitems__(example.tolist()) if len(example) else []
+        tokens = np.frombuffer(b"".join(records), self._dtype).astype(np.int32)
+        return assemble(
+            tokens, self._lengths[example], row[mine] - first_row, plan.offset[items][mine], rows,
+            tuple(int(n) for n in plan.lengths[batch]), self._limits, packed=self._config.packing,
+            translation=self._config.task == "translation", example=example,
+        )  # fmt: skip
+
+
 def _stats(
-    lengths: np.ndarray,
-    status: np.ndarray,
-    buckets: np.ndarray,
-    boundaries: tuple[int, ...],
-    sizes: tuple[int, ...],
-    plan: list[tuple[int, np.ndarray]],
-    shard_count: int,
+    lengths, status, segments, buckets, plan: batching.Plan, config, shard_count, *, filler_rows
 ) -> PipelineStats:
-    used = np.concatenate([examples for _, examples in plan]) if plan else np.zeros(0, np.int64)
-    counts = np.bincount(buckets[buckets >= 0], minlength=len(boundaries))
-    shapes = sorted({(sizes[bucket] // shard_count, boundaries[bucket]) for bucket, _ in plan})
+    used = segments[plan.example]
+    slots = (plan.rows[:, None] * plan.lengths).sum(axis=0) if len(plan) else np.zeros(2, np.int64)
+    real = used.sum(axis=0)
+    padding = 1 - real / np.maximum(slots, 1)
+    sides = slice(0, 2) if config.task == "translation" else slice(1, 2)
+    counts = {}
+    if buckets is not None:
+        histogram = np.bincount(buckets[buckets >= 0], minlength=len(config.boundaries))
+        counts = {length: int(n) for length, n in zip(config.boundaries, histogram, strict=True)}
+    shapes = {(int(r) // shard_count, int(s), int(t)) for r, (s, t) in zip(plan.rows, plan.lengths, strict=True)}
     return PipelineStats(
         num_examples=len(lengths),
         dropped_empty=int((status == _DROPPED_EMPTY).sum()),
         dropped_too_long=int((status == _DROPPED_TOO_LONG).sum()),
         truncated=int((status == _TRUNCATED).sum()),
-        batched_per_epoch=int((used != batching.NO_EXAMPLE).sum()),
-        filler_rows=int((used == batching.NO_EXAMPLE).sum()),
+        batched_per_epoch=len(plan.example),
+        filler_rows=filler_rows,
         batches_per_epoch=len(plan),
-        examples_per_bucket={length: int(count) for length, count in zip(boundaries, counts, strict=True)},
-        batch_shapes=tuple(shapes),
+        examples_per_bucket=counts,
+        batch_shapes=tuple(sorted(shapes)),
+        packing=config.packing,
+        pairs_per_row=float(len(plan.example) / max(int(plan.rows.sum()), 1)),
+        padding_fraction=float(1 - real[sides].sum() / max(int(slots[sides].sum()), 1)),
+        padding_fraction_inputs=float(padding[0]) if config.task == "translation" else 0.0,
+        padding_fraction_targets=float(padding[1]),
     )

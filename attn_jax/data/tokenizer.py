@@ -1,22 +1,27 @@
 """One SentencePiece vocabulary shared by source and target (paper §5.1: "a shared source-target
 vocabulary of about 37000 tokens", byte-pair encoding).
 
-The model is trained on the text of the training split, saved as ``sentencepiece.model`` in a folder (the
-run's workdir) and reused from there on later runs, so a resumed run keeps its token ids. The special ids
-are fixed, whatever the corpus: ``PAD_ID = 0`` (so padding is zero and masks are ``ids != 0``),
-``EOS_ID = 1``, ``BOS_ID = 2``, ``UNK_ID = 3``. ``encode`` adds no special ids; the pipeline adds them.
+The model is trained once per run on a bounded random sample of the training split (``sample_texts``), kept
+as ``WORKDIR/tokenizer/sentencepiece.model`` and reused from there, so a resumed run keeps its token ids.
+Memory stays bounded whatever the corpus: SentencePiece sees only the sample (SentencePiece issue 644: BPE on a
+whole WMT corpus takes tens of GB). Every path is an ``etils.epath`` path (local or ``gs://``): the model is
+trained in memory, written as bytes and loaded from bytes (``model_proto``), never from a local file name.
+
+The special ids are fixed, whatever the corpus: ``PAD_ID = 0`` (so padding is zero and masks are
+``ids != 0``), ``EOS_ID = 1``, ``BOS_ID = 2``, ``UNK_ID = 3``. ``encode`` adds no special ids; the pipeline
+adds them.
 """
 
 import io
 import itertools
 import os
-import pathlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Literal
 
 import grain
 import numpy as np
 import sentencepiece as spm
+from etils import epath
 
 from attn_jax.data.text import clean_text
 
@@ -25,13 +30,14 @@ EOS_ID = 1
 BOS_ID = 2
 UNK_ID = 3
 MODEL_FILE_NAME = "sentencepiece.model"
+RUN_TOKENIZER_DIR = "tokenizer"  # the tokenizer's folder inside a run's workdir
 
 ModelType = Literal["unigram", "bpe"]
 
 
 def train_tokenizer(
     texts: Iterable[str | bytes],
-    model_dir: str | os.PathLike,
+    model_dir: str | os.PathLike | None,
     *,
     vocab_size: int,
     model_type: ModelType = "bpe",
@@ -42,11 +48,12 @@ def train_tokenizer(
     """Trains a SentencePiece model on ``texts`` and saves it as ``model_dir/sentencepiece.model``.
 
     Args:
-      texts: training sentences, source and target sides mixed (see `training_texts`).
-      model_dir: folder to save the model in; created when missing.
+      texts: training sentences, source and target sides mixed (see ``sample_texts``).
+      model_dir: folder to save the model in (local or ``gs://``), created when missing; None keeps it in memory.
       vocab_size: number of pieces, special ids included. Fails when the text is too small for it.
       model_type: ``"bpe"`` (the paper's byte-pair encoding) or ``"unigram"``.
-      max_sentences: SentencePiece samples at most this many sentences.
+      max_sentences: SentencePiece keeps a uniform sample of at most this many sentences (its memory bound);
+        0 keeps them all (for texts already sampled, see ``sample_texts``).
       character_coverage: share of characters covered by the alphabet; the rest map to ``UNK_ID``.
       num_threads: training threads.
 
@@ -76,32 +83,64 @@ def train_tokenizer(
         unk_id=UNK_ID,
         minloglevel=2,  # training logs a line per EM step; keep warnings and errors only
     )
-    path = pathlib.Path(model_dir) / MODEL_FILE_NAME
+    if model_dir is not None:
+        write_atomically(epath.Path(model_dir) / MODEL_FILE_NAME, model.getvalue())
+    return tokenizer_from_bytes(model.getvalue(), where="the trained model")
+
+
+def write_atomically(path: epath.Path, data: bytes) -> None:
+    """Writes ``data`` to a scratch name beside ``path``, then renames it: a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    scratch = path.with_suffix(f".tmp{os.getpid()}")
-    scratch.write_bytes(model.getvalue())
-    os.replace(scratch, path)  # atomic: a concurrent reader never loads half a model
-    return load_tokenizer(model_dir)
+    scratch = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    scratch.write_bytes(data)
+    scratch.rename(path)
+
+
+def tokenizer_from_bytes(model_proto: bytes, *, where: str = "model") -> spm.SentencePieceProcessor:
+    """A tokenizer from a serialized model, its special ids checked.
+
+    Raises:
+      ValueError: the model's special ids are not ``PAD_ID, EOS_ID, BOS_ID, UNK_ID``.
+    """
+    tokenizer = spm.SentencePieceProcessor(model_proto=model_proto)
+    found = (tokenizer.pad_id(), tokenizer.eos_id(), tokenizer.bos_id(), tokenizer.unk_id())
+    if found != (PAD_ID, EOS_ID, BOS_ID, UNK_ID):
+        raise ValueError(f"{where}: special ids (pad, eos, bos, unk) are {found}, expected (0, 1, 2, 3)")
+    return tokenizer
 
 
 def load_tokenizer(model_dir: str | os.PathLike) -> spm.SentencePieceProcessor:
-    """Loads ``model_dir/sentencepiece.model`` and checks its special ids.
-
-    Args:
-      model_dir: folder holding the model.
-
-    Returns:
-      The tokenizer.
+    """Loads ``model_dir/sentencepiece.model`` (local or ``gs://``) and checks its special ids.
 
     Raises:
       FileNotFoundError: no model there.
       ValueError: the model's special ids are not ``PAD_ID, EOS_ID, BOS_ID, UNK_ID``.
     """
-    tokenizer = spm.SentencePieceProcessor(model_file=str(pathlib.Path(model_dir) / MODEL_FILE_NAME))
-    found = (tokenizer.pad_id(), tokenizer.eos_id(), tokenizer.bos_id(), tokenizer.unk_id())
-    if found != (PAD_ID, EOS_ID, BOS_ID, UNK_ID):
-        raise ValueError(f"{model_dir}: special ids (pad, eos, bos, unk) are {found}, expected (0, 1, 2, 3)")
-    return tokenizer
+    path = epath.Path(model_dir) / MODEL_FILE_NAME
+    return tokenizer_from_bytes(path.read_bytes(), where=str(path))
+
+
+def load_run_tokenizer(workdir: str | os.PathLike) -> spm.SentencePieceProcessor:
+    """The tokenizer a training run saved in its workdir, without touching any data set.
+
+    For readers of a finished (or running) run: ``eval``, ``translate``, ``average``.
+
+    Args:
+      workdir: the run's directory (local or ``gs://``).
+
+    Returns:
+      The tokenizer.
+
+    Raises:
+      FileNotFoundError: the workdir holds no tokenizer; the message says how one gets there.
+    """
+    model_dir = epath.Path(workdir) / RUN_TOKENIZER_DIR
+    if not (model_dir / MODEL_FILE_NAME).exists():
+        raise FileNotFoundError(
+            f"no tokenizer in {model_dir}: run `attn-jax prepare` or `attn-jax train` with this workdir first "
+            "(runs on token-id tasks such as the copy task have none)"
+        )
+    return load_tokenizer(model_dir)
 
 
 def load_or_train_tokenizer(
@@ -111,16 +150,16 @@ def load_or_train_tokenizer(
     vocab_size: int,
     **train_kwargs: object,
 ) -> spm.SentencePieceProcessor:
-    """Reuses ``model_dir/sentencepiece.model`` when present, else trains it with `train_tokenizer`.
+    """Reuses ``model_dir/sentencepiece.model`` when present, else trains it with ``train_tokenizer``.
 
     In a multi-host run let one process train (e.g. ``jax.process_index() == 0``) and the others wait
-    for the file, or train it before starting.
+    for the file (``attn_jax.data.prepare`` does).
 
     Args:
-      model_dir: the run's workdir.
+      model_dir: the folder of the model (``WORKDIR/tokenizer``).
       texts: called only when training, returns the training sentences.
       vocab_size: wanted vocabulary size; a saved model of another size is an error.
-      **train_kwargs: more arguments for `train_tokenizer`.
+      **train_kwargs: more arguments for ``train_tokenizer``.
 
     Returns:
       The tokenizer.
@@ -137,7 +176,7 @@ def load_or_train_tokenizer(
       >>> again.serialized_model_proto() == first.serialized_model_proto()
       True
     """
-    if (pathlib.Path(model_dir) / MODEL_FILE_NAME).is_file():
+    if (epath.Path(model_dir) / MODEL_FILE_NAME).exists():
         tokenizer = load_tokenizer(model_dir)
         if tokenizer.vocab_size() != vocab_size:
             raise ValueError(
@@ -148,31 +187,50 @@ def load_or_train_tokenizer(
     return train_tokenizer(texts(), model_dir, vocab_size=vocab_size, **train_kwargs)  # type: ignore[arg-type]
 
 
-def training_texts(
+def sample_indices(num_examples: int, max_examples: int | None, *, seed: int = 0) -> np.ndarray:
+    """A uniform random sample of at most ``max_examples`` example indices, in increasing order.
+
+    A sample, not the first examples: WMT's training split is ordered by sub-corpus (Europarl first). A split
+    no larger than ``max_examples`` is read whole, in order.
+
+    Example:
+      >>> sample_indices(5, None).tolist(), sample_indices(5, 10).tolist(), len(sample_indices(1000, 10))
+      ([0, 1, 2, 3, 4], [0, 1, 2, 3, 4], 10)
+    """
+    if max_examples is None or max_examples >= num_examples:
+        return np.arange(num_examples)
+    return np.sort(np.random.default_rng(seed).choice(num_examples, size=max_examples, replace=False))
+
+
+def sample_texts(
     source: grain.sources.RandomAccessDataSource,
     keys: Sequence[str] = ("en", "de"),
     *,
     max_examples: int | None = None,
+    seed: int = 0,
 ) -> Iterator[str]:
-    """Yields the texts of both sides of a split, for `train_tokenizer`.
+    """Yields the texts of both sides of a random sample of a split, for ``train_tokenizer``.
 
     Args:
       source: a random-access data source (e.g. a TFDS ``train`` split).
       keys: the features holding text.
-      max_examples: read at most this many examples (from the start).
+      max_examples: read at most this many examples, drawn uniformly (see ``sample_indices``).
+      seed: seed of the sample.
 
     Returns:
       An iterator over strings, ``len(keys)`` per example.
 
     Example:
-      >>> list(training_texts([{"en": b"Hi.", "de": b"Hallo."}]))
+      >>> list(sample_texts([{"en": b"Hi.", "de": b"Hallo."}]))
       ['Hi.', 'Hallo.']
     """
-    count = len(source) if max_examples is None else min(max_examples, len(source))
-    for index in range(count):
-        example = source[index]
-        for key in keys:
-            yield _to_str(example[key])
+    indices = sample_indices(len(source), max_examples, seed=seed)
+    read_many = getattr(source, "__getitems__", None)
+    for start in range(0, len(indices), 1024):
+        chunk = indices[start : start + 1024].tolist()
+        for example in read_many(chunk) if read_many else (source[i] for i in chunk):
+            for key in keys:
+                yield _to_str(example[key])
 
 
 def encode(tokenizer: spm.SentencePieceProcessor, text: str | bytes) -> np.ndarray:
