@@ -238,7 +238,6 @@ def test_config_errors(copy_split):
         pipeline.train_batches(copy_split, _CONFIG, shard_index=2, shard_count=2)
 
 
-@pytest.mark.slow
 def test_worker_processes_give_the_same_batches_and_their_state_resumes_bit_exact(copy_split):
     """Two Grain worker processes give the batches of the in-process pipeline, in order, and their state (the next
     batch's index) restores without them as well (a run may change its worker count)."""
