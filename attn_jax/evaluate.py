@@ -11,10 +11,10 @@ from collections.abc import Callable, Iterable, Sequence
 
 import jax
 import numpy as np
-import sacrebleu
 from jax.sharding import Mesh
 
 from attn_jax import parallel
+from attn_jax.bleu import bleu, tokenized_bleu
 from attn_jax.data.tokenizer import EOS_ID, PAD_ID, decode, encode
 from attn_jax.decoding import beam_search
 from attn_jax.model_config import TransformerConfig
@@ -101,20 +101,6 @@ def _strip(ids: np.ndarray, eos_id: int = EOS_ID, pad_id: int = PAD_ID) -> np.nd
     return ids[ids != pad_id]
 
 
-def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
-    """Corpus sacreBLEU (13a tokenization, the WMT standard) of detokenized text.
-
-    Example:
-      >>> round(bleu(["the cat sat on the mat"], ["the cat sat on the mat"]), 1)
-      100.0
-    """
-    if len(hypotheses) != len(references):
-        raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} references")
-    if not hypotheses:
-        raise ValueError("BLEU of no sentences is undefined")
-    return float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score)
-
-
 def translation_quality(
     params,
     pairs: Sequence[tuple],
@@ -127,8 +113,9 @@ def translation_quality(
 ) -> tuple[dict[str, float], list]:
     """Translates ``(source, reference)`` pairs with beam search and scores them.
 
-    Text pairs (with a SentencePiece ``tokenizer``) are scored by sacreBLEU on the detokenized output; id pairs
-    (``tokenizer=None``, e.g. the copy task) by exact match.
+    Text pairs (with a SentencePiece ``tokenizer``) are scored by sacreBLEU on the detokenized output (``bleu``)
+    and by the paper's tokenized, compound-split BLEU on German (``bleu_compound_split``, ``attn_jax.bleu``); id
+    pairs (``tokenizer=None``, e.g. the copy task) by exact match.
 
     Args:
       params: model parameters.
@@ -140,7 +127,7 @@ def translation_quality(
       mesh: decode with each batch split over this mesh (see ``translate_ids``).
 
     Returns:
-      ``({"bleu": score} or {"exact_match": fraction}, hypotheses)``.
+      ``({"bleu": score, "bleu_compound_split": score} or {"exact_match": fraction}, hypotheses)``.
     """
     limit = model_config.max_len - 1
     to_ids = (lambda src: src) if tokenizer is None else (lambda src: encode(tokenizer, src))
@@ -154,4 +141,6 @@ def translation_quality(
         matches = [np.array_equal(out, np.asarray(ref)) for out, (_, ref) in zip(outputs, pairs, strict=True)]
         return {"exact_match": float(np.mean(matches)) if matches else 0.0}, outputs
     hypotheses = [decode(tokenizer, ids) for ids in outputs]
-    return {"bleu": bleu(hypotheses, [ref for _, ref in pairs])}, hypotheses
+    references = [ref for _, ref in pairs]
+    scores = {"bleu": bleu(hypotheses, references), "bleu_compound_split": tokenized_bleu(hypotheses, references)}
+    return scores, hypotheses
