@@ -2,7 +2,9 @@
 
 import ast
 import importlib.util
+import os
 import pathlib
+import subprocess
 import sys
 
 import numpy as np
@@ -296,3 +298,25 @@ def test_data_dir_defaults_to_tfds_data_dir(monkeypatch):
     assert sources.data_dir(data) == "/shared/tfds"
     data.data_dir = "/mine"
     assert sources.data_dir(data) == "/mine"
+
+
+def test_wmt14_experiment_computes_in_bfloat16_on_accelerators_only_and_starts_no_backend(monkeypatch):
+    from attn_jax.config import load_experiment
+
+    spec = str(pathlib.Path(__file__).resolve().parents[1] / "experiments" / "wmt14_en_de.py")
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    config = load_experiment(spec)
+    assert config.model.dtype == "float32" and config.data.packing and config.data.worker_count == 0
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+    config = load_experiment(spec)
+    assert config.model.dtype == "bfloat16" and config.data.worker_count == 8
+    assert load_experiment(spec + ":runlocal").data.worker_count == 0
+    # Deciding must not start JAX's backends: a multi-host run calls jax.distributed.initialize afterwards.
+    probe = (
+        "import sys; sys.path.insert(0, 'experiments'); import wmt14_en_de; wmt14_en_de.get_config(); "
+        "from jax._src import xla_bridge; assert not xla_bridge.backends_are_initialized()"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    done = subprocess.run([sys.executable, "-c", probe], cwd=spec.rsplit("/experiments/", 1)[0], env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
