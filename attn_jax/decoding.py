@@ -1,10 +1,14 @@
 """Autoregressive inference (paper §6.1): greedy decoding, beam search and language-model sampling.
 
+Greedy decoding and beam search work for every model family (``attn_jax.families``): the Transformer on its
+key/value cache, RNNsearch and the RNN encoder-decoder on their recurrent state. They take the family's
+``encode`` / ``init_cache`` / ``step`` / ``reorder_cache`` from ``family(config)``, so one driver serves all.
+
 The paper uses "beam search with a beam size of 4 and length penalty alpha = 0.6" and a maximum output length of
 "input length + 50, but terminate early when possible". The penalty is GNMT's (Wu et al. 2016, eq. 14): a
 hypothesis Y scores ``log P(Y | X) / ((5 + |Y|) / 6) ** alpha``, ``|Y|`` counting the tokens including EOS.
 
-Each decoder runs on the key/value cache (``decode_step``, ``language_model_step``) inside one
+Each decoder runs on a cache (``decode_step``, ``language_model_step``) inside one
 ``jax.lax.while_loop``, under ``jax.jit`` with ``config`` and ``max_len`` static, and stops once every sequence
 has finished; ``greedy_decode_uncached`` re-runs ``decode`` on the prefix instead (reference and baseline).
 Token ids: pad 0, eos 1, bos 2 (shared with the data pipeline). Outputs omit the start token, only pad follows
@@ -19,15 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attn_jax.families import ModelConfig, family
+from attn_jax.model import decode, encode, init_language_model_cache, language_model_step
 from attn_jax.model_config import TransformerConfig
-from attn_jax.model import (
-    decode,
-    decode_step,
-    encode,
-    init_decode_cache,
-    init_language_model_cache,
-    language_model_step,
-)
 from attn_jax.types import Array, Float, Int, PRNGKeyArray
 
 # ----------------------------------------------------------------------------------------------------------
@@ -82,13 +80,13 @@ def _emitted_eos(tokens, eos_id: int | None):
     return jnp.zeros(tokens.shape, jnp.bool_) if eos_id is None else tokens == eos_id
 
 
-def _check_args(config: TransformerConfig, *, max_len: int, bos_id: int | None, eos_id: int | None, pad_id: int):
+def _check_args(config: ModelConfig, *, max_len: int, bos_id: int | None, eos_id: int | None, pad_id: int):
     """Fails before any work is done, rather than after encoding or deep inside a trace."""
     if not 0 < max_len <= config.max_len:
-        raise ValueError(f"max_len={max_len} must be in [1, TransformerConfig.max_len={config.max_len}]")
+        raise ValueError(f"max_len={max_len} must be in [1, {type(config).__name__}.max_len={config.max_len}]")
     # ``decode`` masks ``config.pad_id``; a different output pad would be attended as a real token.
     if pad_id != config.pad_id:
-        raise ValueError(f"pad_id={pad_id} must equal TransformerConfig.pad_id={config.pad_id}")
+        raise ValueError(f"pad_id={pad_id} must equal {type(config).__name__}.pad_id={config.pad_id}")
     for name, value in (("bos_id", bos_id), ("eos_id", eos_id)):
         if value is not None and not (0 <= value < config.vocab_size and value != pad_id):
             raise ValueError(f"{name}={value} must be a non-pad id in [0, vocab_size={config.vocab_size})")
@@ -131,18 +129,18 @@ def greedy_decode(
     params,
     src_tokens: Int[Array, "B S"],
     *,
-    config: TransformerConfig,
+    config: ModelConfig,
     max_len: int,
     bos_id: int = 2,
     eos_id: int | None = 1,
     pad_id: int = 0,
 ) -> Int[Array, "B T"]:
-    """Greedy decoding on the key/value cache: each step feeds one token through ``decode_step``.
+    """Greedy decoding on the family's cache: each step feeds one token through its ``step``.
 
     Args:
-      params: from ``init_transformer``.
+      params: the model's parameters (``family(config).init``).
       src_tokens: ``[B, S]`` source ids, ``config.pad_id`` for padding.
-      config: the model's ``TransformerConfig`` (static under ``jax.jit``).
+      config: the model's config, of any family (static under ``jax.jit``).
       max_len: ``T``, the most tokens generated (static; at most ``config.max_len``).
       bos_id: the decoder's start token.
       eos_id: the end token; ``None`` always decodes ``max_len`` tokens.
@@ -159,12 +157,12 @@ def greedy_decode(
       (1, 4)
     """
     _check_args(config, max_len=max_len, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id)
-    memory = encode(params, src_tokens, config=config)
-    cache = init_decode_cache(params, memory, src_tokens, config=config, max_len=max_len)
+    model = family(config)
+    encoded = model.encode(params, src_tokens, config=config)
+    cache = model.init_cache(params, encoded, src_tokens, config=config, max_len=max_len)
 
     def step(cache, inputs, i):
-        logits, cache = decode_step(params, cache, inputs[:, None], config=config)
-        return logits[:, 0], cache
+        return model.step(params, cache, inputs, config=config)
 
     start = jnp.full((src_tokens.shape[0],), bos_id, jnp.int32)
     return _decode_loop(step, cache, start, num_steps=max_len, choose=_argmax(pad_id), eos_id=eos_id, pad_id=pad_id)
@@ -239,14 +237,15 @@ def _expand(state, log_probs, W: int):
     return top, tokens, parents, seqs
 
 
-def _beam_step(params, state, *, config: TransformerConfig, alpha: float, bos_id, eos_id, pad_id):
+def _beam_step(params, state, *, config: ModelConfig, alpha: float, bos_id, eos_id, pad_id):
     """One step of beam search: extend, update the finished set, keep the ``W`` best unfinished, reorder."""
     B, W, T = state["alive_seqs"].shape
     i = state["step"]
     previous = jax.lax.dynamic_index_in_dim(state["alive_seqs"], jnp.maximum(i - 1, 0), axis=2, keepdims=False)
-    inputs = jnp.where(i == 0, bos_id, previous).reshape(B * W, 1)  # [B, W] -> [B*W, 1]
-    logits, cache = decode_step(params, state["cache"], inputs, config=config)
-    log_probs = jax.nn.log_softmax(logits[:, 0]).reshape(B, W, -1)  # [B*W, V] -> [B, W, V]
+    inputs = jnp.where(i == 0, bos_id, previous).reshape(B * W)  # [B, W] -> [B*W]
+    model = family(config)
+    logits, cache = model.step(params, state["cache"], inputs, config=config)
+    log_probs = jax.nn.log_softmax(logits).reshape(B, W, -1)  # [B*W, V] -> [B, W, V]
     log_probs = log_probs.at[..., pad_id].set(-jnp.inf)
     top, tokens, parents, seqs = _expand(state, log_probs, W)
     ends = _emitted_eos(tokens, eos_id)
@@ -263,10 +262,10 @@ def _beam_step(params, state, *, config: TransformerConfig, alpha: float, bos_id
     )
     alive_log_probs, alive_seqs, alive_parents = _top_hypotheses(jnp.where(ends, -jnp.inf, top), seqs, W, parents)
 
-    # Each surviving hypothesis continues from its parent's keys/values; the cross-attention cache is the
-    # same for every beam of a sentence and needs no reordering.
+    # Each surviving hypothesis continues from its parent's cache (keys/values, or recurrent state); what is
+    # the same for every beam of a sentence (cross-attention keys, annotations) the family leaves alone.
     rows = (jnp.arange(B)[:, None] * W + alive_parents).reshape(B * W)
-    cache = cache | {"self": jax.tree.map(lambda x: jnp.take(x, rows, axis=1), cache["self"])}
+    cache = model.reorder_cache(cache, rows)
     alive = {"alive_seqs": alive_seqs, "alive_log_probs": alive_log_probs}
     finished = {"finished_seqs": finished_seqs, "finished_scores": finished_scores}
     return {"step": i + 1, "cache": cache} | alive | finished
@@ -285,9 +284,11 @@ def _could_improve(state, *, alpha: float, max_len: int):
 def _run_beam_search(params, src_tokens, *, config, beam_size, alpha, max_len, bos_id, eos_id, pad_id, early_stopping):
     """The beam-search loop; returns its final state (the tests read ``step`` to see early stopping)."""
     B, W = src_tokens.shape[0], beam_size
-    memory = encode(params, src_tokens, config=config)
+    model = family(config)
+    encoded = model.encode(params, src_tokens, config=config)
     # [B, ...] -> [B*W, ...], beam-minor, as the flat row index b * W + w of ``_beam_step``.
-    memory, sources = jnp.repeat(memory, W, axis=0), jnp.repeat(src_tokens, W, axis=0)
+    encoded = jax.tree.map(lambda x: jnp.repeat(x, W, axis=0), encoded)
+    sources = jnp.repeat(src_tokens, W, axis=0)
     first_only = jnp.where(jnp.arange(W) == 0, 0.0, -jnp.inf).astype(jnp.float32)  # the W beams start equal
     state = {
         "step": jnp.zeros((), jnp.int32),
@@ -295,7 +296,7 @@ def _run_beam_search(params, src_tokens, *, config, beam_size, alpha, max_len, b
         "alive_log_probs": jnp.broadcast_to(first_only, (B, W)),
         "finished_seqs": jnp.full((B, W, max_len), pad_id, jnp.int32),
         "finished_scores": jnp.full((B, W), -jnp.inf, jnp.float32),
-        "cache": init_decode_cache(params, memory, sources, config=config, max_len=max_len),
+        "cache": model.init_cache(params, encoded, sources, config=config, max_len=max_len),
     }
 
     def unfinished(state):
@@ -312,7 +313,7 @@ def beam_search(
     params,
     src_tokens: Int[Array, "B S"],
     *,
-    config: TransformerConfig,
+    config: ModelConfig,
     max_len: int,
     beam_size: int = 4,
     alpha: float = 0.6,
@@ -321,7 +322,7 @@ def beam_search(
     pad_id: int = 0,
     early_stopping: bool = True,
 ) -> tuple[Int[Array, "B beam T"], Float[Array, "B beam"]]:
-    """Beam search with GNMT's length penalty (paper §6.1: beam 4, alpha 0.6) on the key/value cache.
+    """Beam search with GNMT's length penalty (paper §6.1: beam 4, alpha 0.6) on any family's cache.
 
     Alive and finished hypotheses are two sets of ``beam_size`` (as in tensor2tensor and the Flax WMT example):
     each step extends the alive ones by a token, moves those ending in EOS (or reaching ``max_len``) to the
@@ -329,9 +330,9 @@ def beam_search(
     when no alive hypothesis can beat the worst finished one.
 
     Args:
-      params: from ``init_transformer``.
+      params: the model's parameters (``family(config).init``).
       src_tokens: ``[B, S]`` source ids, ``config.pad_id`` for padding.
-      config: the model's ``TransformerConfig`` (static under ``jax.jit``).
+      config: the model's config, of any family (static under ``jax.jit``).
       max_len: ``T``, the most tokens generated (static); a hypothesis reaching it finishes unterminated.
       beam_size: the number of alive (and of finished) hypotheses per sentence.
       alpha: length-penalty exponent, ``>= 0``; 0 ranks by log-probability alone.

@@ -1,4 +1,4 @@
-"""Tests for attn_jax.rnn (RNNsearch, Bahdanau et al. 2014).
+"""Tests for attn_jax.rnn (the GRU) and attn_jax.rnnsearch (RNNsearch, Bahdanau et al. 2014).
 
 References: ``flax.linen.GRUCell``, a float64 NumPy transcription of the paper's equations that runs each
 example on its real tokens only (so it knows nothing of padding masks), and a hand-worked GRU step. Sizes use
@@ -14,17 +14,14 @@ import numpy as np
 import optax
 import pytest
 
-from attn_jax.additive import project_keys
-from attn_jax.rnn import (
+from attn_jax.decoding import greedy_decode
+from attn_jax.rnn import from_flax_linen_gru, gru, gru_cell, init_gru
+from attn_jax.rnnsearch import (
     RNNSearchConfig,
     decode,
-    decoder_step,
+    decode_step,
     encode,
-    from_flax_linen_gru,
-    greedy_decode,
-    gru,
-    gru_cell,
-    init_gru,
+    init_decode_cache,
     init_rnnsearch,
     rnnsearch,
 )
@@ -221,12 +218,12 @@ def test_init_rnnsearch_shapes():
 
 
 def test_config_rejects_non_positive_sizes():
-    with pytest.raises(ValueError, match="hidden_dim must be positive, got 0"):
+    with pytest.raises(ValueError, match="hidden_dim: must be a positive integer, got 0"):
         RNNSearchConfig(source_vocab=3, target_vocab=3, hidden_dim=0)
 
 
 def test_rnnsearch_matches_numpy_reference(random_params):
-    logits = rnnsearch(random_params, SOURCE, TARGET_INPUTS, cfg=CFG)
+    logits = rnnsearch(random_params, SOURCE, TARGET_INPUTS, config=CFG)
     assert logits.shape == (B, T, VT) and logits.dtype == jnp.float32
     for b in range(B):
         real_source = np.asarray(SOURCE[b])[np.asarray(SOURCE[b]) != 0]
@@ -235,7 +232,7 @@ def test_rnnsearch_matches_numpy_reference(random_params):
 
 
 def test_encode_annotations_and_initial_state(random_params):
-    annotations, initial_state = encode(random_params, SOURCE, cfg=CFG)
+    annotations, initial_state = encode(random_params, SOURCE, config=CFG)
     assert annotations.shape == (B, S, 2 * D) and initial_state.shape == (B, D)
     x = jnp.take(random_params["source_embedding"], SOURCE, axis=0)
     mask = SOURCE != 0
@@ -252,36 +249,38 @@ def test_encode_annotations_and_initial_state(random_params):
 def test_extra_source_padding_changes_nothing(random_params):
     longer = jnp.concatenate([SOURCE, jnp.zeros((B, 4), jnp.int32)], axis=1)  # [B, S + 4]
     np.testing.assert_allclose(
-        np.asarray(rnnsearch(random_params, longer, TARGET_INPUTS, cfg=CFG)),
-        np.asarray(rnnsearch(random_params, SOURCE, TARGET_INPUTS, cfg=CFG)),
+        np.asarray(rnnsearch(random_params, longer, TARGET_INPUTS, config=CFG)),
+        np.asarray(rnnsearch(random_params, SOURCE, TARGET_INPUTS, config=CFG)),
         rtol=RTOL,
         atol=ATOL,
     )
 
 
 def test_teacher_forced_decode_equals_step_by_step(random_params):
-    annotations, state = encode(random_params, SOURCE, cfg=CFG)
+    encoded = encode(random_params, SOURCE, config=CFG)
     source_mask = SOURCE != 0
-    logits = decode(random_params, annotations, state, source_mask, TARGET_INPUTS, cfg=CFG)
-    keys = project_keys(random_params["attention"], annotations)
-    step = jax.jit(lambda s, y: decoder_step(random_params, s, y, annotations, keys, source_mask, cfg=CFG))
+    logits = decode(random_params, *encoded, source_mask, TARGET_INPUTS, config=CFG)
+    cache = init_decode_cache(random_params, encoded, SOURCE, config=CFG, max_len=T)
+    step = jax.jit(lambda c, y: decode_step(random_params, c, y, config=CFG))
     for t in range(T):
-        state, step_logits = step(state, TARGET_INPUTS[:, t])
+        step_logits, cache = step(cache, TARGET_INPUTS[:, t])
         np.testing.assert_allclose(np.asarray(logits[:, t]), np.asarray(step_logits), rtol=RTOL, atol=ATOL)
 
 
 def test_greedy_decode_feeds_back_its_argmax(random_params):
-    tokens = greedy_decode(random_params, SOURCE, cfg=CFG, bos_id=1, length=T)
+    # pad 0 is never emitted; eos_id=None decodes all T tokens.
+    tokens = greedy_decode(random_params, SOURCE, config=CFG, bos_id=1, eos_id=None, max_len=T)
     assert tokens.shape == (B, T) and tokens.dtype == jnp.int32
     # Teacher-forcing the greedy output must reproduce the same argmax at every position.
     inputs = jnp.concatenate([jnp.ones((B, 1), jnp.int32), tokens[:, :-1]], axis=1)
-    logits = rnnsearch(random_params, SOURCE, inputs, cfg=CFG)
-    np.testing.assert_array_equal(np.asarray(jnp.argmax(logits, axis=-1)), np.asarray(tokens))
+    logits = np.array(rnnsearch(random_params, SOURCE, inputs, config=CFG))
+    logits[..., 0] = -np.inf
+    np.testing.assert_array_equal(logits.argmax(-1), np.asarray(tokens))
 
 
 def test_gradients_are_finite_and_skip_padding(random_params):
     def loss(params):
-        return jnp.sum(rnnsearch(params, SOURCE, TARGET_INPUTS, cfg=CFG) ** 2)
+        return jnp.sum(rnnsearch(params, SOURCE, TARGET_INPUTS, config=CFG) ** 2)
 
     grads = jax.grad(loss)(random_params)
     assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grads))
@@ -310,7 +309,7 @@ def test_overfits_the_copy_task():
     tx = optax.adam(1e-2)
 
     def loss_fn(params):
-        logits = rnnsearch(params, source, target_inputs, cfg=cfg)
+        logits = rnnsearch(params, source, target_inputs, config=cfg)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, source)
         return jnp.sum(losses * weights) / jnp.sum(weights), logits
 
@@ -329,7 +328,7 @@ def test_overfits_the_copy_task():
         _, logits = loss_fn(params)
         return losses, jnp.argmax(logits, axis=-1)
 
-    params = jax.jit(init_rnnsearch, static_argnames="cfg")(jax.random.key(0), cfg)
+    params = jax.jit(init_rnnsearch, static_argnames="config")(jax.random.key(0), cfg)
     losses, predictions = train(params)
     assert float(losses[0]) > 2.0  # about ln(10) at the start
     assert float(losses[-1]) < 0.01
