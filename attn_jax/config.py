@@ -16,7 +16,10 @@ from typing import Any
 
 import ml_collections
 
+from attn_jax.families import FAMILIES, ModelConfig
 from attn_jax.model_config import ConfigError, TransformerConfig
+from attn_jax.rnn_encdec import RNNEncDecConfig
+from attn_jax.rnnsearch import RNNSearchConfig
 
 __all__ = ["ConfigError", "load_experiment", "apply_overrides", "parse_arg", "model_config", "flatten"]
 
@@ -244,18 +247,77 @@ def _vocab_size(config: ml_collections.ConfigDict) -> int | None:
     return data.copy.vocab_size if data.get("name") == "copy" else data.get("vocab_size")
 
 
-def model_config(config: ml_collections.ConfigDict, **overrides: Any) -> TransformerConfig:
-    """``TransformerConfig`` from ``config.model``, its vocabulary size from ``config.data`` (or ``overrides``).
+def model_config(config: ml_collections.ConfigDict, **overrides: Any) -> ModelConfig:
+    """The model config of ``config.model.family`` (``TransformerConfig``, ``RNNSearchConfig`` or
+    ``RNNEncDecConfig``), its vocabulary size from ``config.data`` (or ``overrides``).
 
     Raises:
-      ConfigError: an unknown model key (with a suggestion) or an invalid value, naming ``config.model.<field>``.
+      ConfigError: an unknown model key (with a suggestion), an invalid value, naming ``config.model.<field>``,
+        or a setting the family cannot honour (e.g. packing or a language model with a recurrent family).
     """
     fields = {f.name for f in dataclasses.fields(TransformerConfig)}
     values = {"vocab_size": _vocab_size(config)} | dict(config.model) | overrides
+    family, rnn = values.pop("family", "transformer"), values.pop("rnn", None)
     for name in values:
         if name not in fields:
             raise ConfigError(f"unknown config key config.model.{name}{_suggest(name, fields, 'config.model.')}")
+    if family not in FAMILIES:
+        raise ConfigError(f"config.model.family: expected one of {', '.join(map(repr, FAMILIES))}, got {family!r}")
+    if family != "transformer":
+        return _recurrent_config(config, family, values, rnn or {})
     try:
         return TransformerConfig(**values)
     except ConfigError as error:
         raise ConfigError(str(error).replace("TransformerConfig.", "config.model.")) from None
+
+
+def _or(value, default):
+    return default if value is None else value
+
+
+# Where each field of the recurrent configs comes from in ``config.model`` (the rest: the same name there).
+_RECURRENT_KEYS = {
+    "source_vocab": "data.vocab_size", "target_vocab": "data.vocab_size", "hidden_dim": "model.d_model",
+    "embed_dim": "model.rnn.embed_dim", "encoder_dim": "model.rnn.encoder_dim",
+    "resolved_encoder_dim": "model.rnn.encoder_dim", "alignment_dim": "model.rnn.alignment_dim",
+    "maxout_dim": "model.rnn.maxout_dim", "score": "model.rnn.score", "reset_after": "model.rnn.reset_after",
+    "reverse_source": "model.rnn.reverse_source",
+}  # fmt: skip
+
+
+def _recurrent_config(config, family: str, values: dict, rnn) -> ModelConfig:
+    """``RNNSearchConfig`` / ``RNNEncDecConfig`` from the shared model fields and ``config.model.rnn``.
+
+    ``d_model`` is the decoder's state; ``None`` sizes in ``rnn`` derive from it. The Transformer's own sizes
+    (heads, d_ff, layers, ...) are ignored; settings the recurrent models cannot honour are errors.
+    """
+    if config.get("task", "translation") != "translation":
+        raise ConfigError(f"config.task={config.task!r}: model.family={family!r} is an encoder-decoder; "
+                          "language models are Transformers (model.family='transformer')")  # fmt: skip
+    if config.get("data") is not None and config.data.get("packing"):
+        raise ConfigError(f"config.data.packing: model.family={family!r} reads each sentence with a recurrent "
+                          "state, which would run across packed neighbours; set data.packing=False")  # fmt: skip
+    if values.get("remat"):
+        raise ConfigError(f"config.model.remat: model.family={family!r} does not recompute activations")
+    d_model, score = values["d_model"], rnn.get("score", "additive")
+    valid = isinstance(d_model, int) and not isinstance(d_model, bool)
+    sizes = {
+        "source_vocab": values["vocab_size"], "target_vocab": values["vocab_size"], "hidden_dim": d_model,
+        "embed_dim": _or(rnn.get("embed_dim"), d_model),
+        "encoder_dim": _or(rnn.get("encoder_dim"), d_model // 2 if score == "dot" and valid else d_model),
+        "maxout_dim": _or(rnn.get("maxout_dim"), max(d_model // 2, 1) if valid else d_model),
+        "reset_after": rnn.get("reset_after", False),
+    }  # fmt: skip
+    if family == "rnn_encdec":
+        sizes["reverse_source"] = rnn.get("reverse_source", False)
+    shared = {name: values[name] for name in ("pad_id", "dropout_rate", "max_len", "dtype")}
+    cls = RNNEncDecConfig
+    if family == "rnnsearch":
+        cls, sizes = RNNSearchConfig, sizes | {"score": score, "alignment_dim": _or(rnn.get("alignment_dim"), d_model)}
+    try:
+        return cls(**sizes, **shared)
+    except ConfigError as error:
+        message = str(error)
+        for field, key in _RECURRENT_KEYS.items():
+            message = message.replace(f"{cls.__name__}.{field}:", f"config.{key}:")
+        raise ConfigError(message.replace(f"{cls.__name__}.", "config.model.")) from None

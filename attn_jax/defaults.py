@@ -57,9 +57,15 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def model_config(**overrides) -> ml_collections.ConfigDict:
-    """``TransformerConfig`` fields (paper base) minus the vocabulary size; see attn_jax/model_config.py."""
+    """``TransformerConfig`` fields (paper base) minus the vocabulary size; see attn_jax/model_config.py.
+
+    ``family`` picks the model (``attn_jax.families``). The recurrent families read ``d_model`` (their decoder
+    state), ``dropout_rate``, ``max_len``, ``pad_id``, ``dtype`` and the ``rnn`` sub-section, and ignore the
+    Transformer's sizes; the Transformer ignores ``rnn``.
+    """
     model = ml_collections.ConfigDict()
-    model.d_model = 512  # D = d_model
+    model.family = "transformer"  # "transformer", "rnnsearch" (Bahdanau et al. 2014) or "rnn_encdec" (Cho et al.)
+    model.d_model = 512  # D = d_model (recurrent families: the decoder's GRU state, the paper's n)
     model.num_heads = 8  # N = h
     model.num_kv_heads = ml_collections.config_dict.placeholder(int)  # K; None = N (paper)
     model.head_dim = ml_collections.config_dict.placeholder(int)  # H = d_k = d_v; None = d_model / h
@@ -81,6 +87,14 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
     model.remat = False  # recompute activations in the backward pass
     model.attention_implementation = ml_collections.config_dict.placeholder(str)  # None = best available
     model.dtype = "float32"  # compute dtype ("bfloat16" on accelerators)
+    model.rnn = ml_collections.ConfigDict()  # read by the recurrent families only; None = derived from d_model
+    model.rnn.embed_dim = ml_collections.config_dict.placeholder(int)  # M, word embeddings; None = d_model
+    model.rnn.encoder_dim = ml_collections.config_dict.placeholder(int)  # E per direction; None = d_model (dot: /2)
+    model.rnn.alignment_dim = ml_collections.config_dict.placeholder(int)  # A, additive score's width; None = d_model
+    model.rnn.maxout_dim = ml_collections.config_dict.placeholder(int)  # R, readout maxout units; None = d_model / 2
+    model.rnn.score = "additive"  # rnnsearch's alignment: "additive" (Bahdanau), "dot" or "general" (Luong 2015)
+    model.rnn.reset_after = False  # GRU reset gate after U s (cuDNN/Flax) instead of before (the paper)
+    model.rnn.reverse_source = False  # rnn_encdec reads the source backwards (Sutskever et al. 2014)
     model.update(overrides)
     return model
 

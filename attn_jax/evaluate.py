@@ -17,7 +17,7 @@ from attn_jax import parallel
 from attn_jax.bleu import bleu, tokenized_bleu
 from attn_jax.data.tokenizer import EOS_ID, PAD_ID, decode, encode
 from attn_jax.decoding import beam_search
-from attn_jax.model_config import TransformerConfig
+from attn_jax.families import ModelConfig
 
 _LENGTH_QUANTUM = 16  # source lengths are padded up to a multiple of this, bounding the number of compiles
 
@@ -50,6 +50,7 @@ def _bucket_length(length: int) -> int:
 
 @functools.partial(jax.jit, static_argnames=("model_config", "beam_size", "alpha", "max_len"))
 def _beam_search_jit(params, src_tokens, *, model_config, beam_size, alpha, max_len):
+    # ``beam_search`` finds the model family from ``model_config``'s type (``attn_jax.families``).
     tokens, _ = beam_search(params, src_tokens, config=model_config, beam_size=beam_size, alpha=alpha, max_len=max_len)
     return tokens[:, 0]  # the best hypothesis: [B, beam, T] -> [B, T]
 
@@ -58,7 +59,7 @@ def translate_ids(
     params,
     sources: Sequence[np.ndarray],
     *,
-    model_config: TransformerConfig,
+    model_config: ModelConfig,
     beam_size: int = 4,
     alpha: float = 0.6,
     extra_length: int = 50,
@@ -67,6 +68,8 @@ def translate_ids(
     mesh: Mesh | None = None,
 ) -> list[np.ndarray]:
     """Beam-searches each tokenized source (ending in EOS); returns the best output ids, EOS and padding cut.
+
+    Any model family: the Transformer on its key/value cache, the recurrent ones on their state per beam.
 
     Sources are sorted by length and decoded in batches padded to a few static shapes; the maximum output
     length is the bucket's source length + ``extra_length`` (capped at ``model_config.max_len``). With a
@@ -106,7 +109,7 @@ def translation_quality(
     pairs: Sequence[tuple],
     tokenizer,
     *,
-    model_config: TransformerConfig,
+    model_config: ModelConfig,
     eval_config,
     batch_multiple: int = 1,
     mesh: Mesh | None = None,
@@ -121,7 +124,7 @@ def translation_quality(
       params: model parameters.
       pairs: raw-text sentence pairs, or id-array pairs.
       tokenizer: a SentencePiece processor, or None for id pairs.
-      model_config: the model's ``TransformerConfig``.
+      model_config: the model's config, of any family (``attn_jax.families``).
       eval_config: ``beam_size``, ``alpha``, ``extra_length`` and ``batch_size`` (the experiment's ``eval``).
       batch_multiple: decoding batches are a multiple of this (the number of batch shards).
       mesh: decode with each batch split over this mesh (see ``translate_ids``).

@@ -51,6 +51,14 @@ _PARAM_AXES: dict[str, tuple[str, ...]] = {
     "scale": ("embed",),
     "bias": ("embed",),
 }
+# The recurrent families' parameters (attn_jax.rnn), by the last keys of their path: the embedding tables and
+# the readout's vocabulary axis split as the Transformer's do; GRU and alignment weights stay replicated.
+_RECURRENT_PARAM_AXES: dict[tuple[str, ...], tuple[str, ...]] = {
+    ("source_embedding",): ("vocab", "embed"),
+    ("target_embedding",): ("vocab", "embed"),
+    ("readout", "w_o"): ("hidden", "vocab"),
+    ("readout", "b_o"): ("vocab",),
+}
 
 
 def make_mesh(shape: dict[str, int] | None = None, devices=None) -> Mesh:
@@ -79,7 +87,11 @@ def make_mesh(shape: dict[str, int] | None = None, devices=None) -> Mesh:
 
 def logical_axes(path, leaf) -> tuple[str | None, ...]:
     """Logical axis names of one parameter, from its dict key; extra leading axes are stacked ``layers``."""
-    key = str(getattr(path[-1], "key", path[-1])) if path else ""
+    keys = tuple(str(getattr(p, "key", p)) for p in path)
+    recurrent = _RECURRENT_PARAM_AXES.get(keys[-2:]) or _RECURRENT_PARAM_AXES.get(keys[-1:])
+    if recurrent is not None and len(recurrent) == leaf.ndim:
+        return recurrent
+    key = keys[-1] if keys else ""
     names = _PARAM_AXES.get(key)
     if names is None or len(names) > leaf.ndim:
         return (None,) * leaf.ndim

@@ -10,7 +10,7 @@ import numpy as np
 from attn_jax import parallel, plots
 from attn_jax.data.tokenizer import encode
 from attn_jax.evaluate import translate_ids, translation_quality
-from attn_jax.model import transformer
+from attn_jax.families import family
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,15 @@ def _print_samples(pairs, hypotheses, count: int) -> None:
 
 
 def _plot_attention(params, model_config, eval_config, tokenizer, source: str, out_dir: pathlib.Path) -> None:
-    """Translates one sentence, then plots every layer's attention on (source, translation)."""
+    """Translates one sentence, then plots every layer's attention on (source, translation).
+
+    RNNsearch's alignments come out as one layer of one head of encoder-decoder attention (Bahdanau et al.'s
+    Figure 3); the RNN encoder-decoder has no attention, so nothing is plotted for it.
+    """
+    attention = family(model_config).attention
+    if attention is None:
+        log.info("model family %s has no attention to plot", family(model_config).name)
+        return
     ids = np.asarray(source) if tokenizer is None else encode(tokenizer, source)
     src = np.append(ids[: model_config.max_len - 1], EOS_ID).astype(np.int32)
     (output,) = translate_ids(
@@ -64,9 +72,7 @@ def _plot_attention(params, model_config, eval_config, tokenizer, source: str, o
         extra_length=eval_config.extra_length, batch_size=1,
     )  # fmt: skip
     tgt_in = np.concatenate([[BOS_ID], output]).astype(np.int32)
-    _, weights = jax.jit(transformer, static_argnames=("config", "return_weights"))(
-        params, src[None], tgt_in[None], config=model_config, return_weights=True
-    )
+    weights = jax.jit(attention, static_argnames="config")(params, src[None], tgt_in[None], config=model_config)
     weights = {kind: np.asarray(w)[:, 0] for kind, w in weights.items()}  # [L, B, N, T, S] -> [L, N, T, S]
     pieces = str if tokenizer is None else tokenizer.id_to_piece
     source_tokens = [pieces(int(i)) for i in src]

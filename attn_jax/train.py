@@ -14,9 +14,10 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from attn_jax.families import ModelConfig, family
 from attn_jax.losses import cross_entropy_sums
 from attn_jax.model_config import TransformerConfig
-from attn_jax.model import init_language_model, init_transformer, language_model, transformer
+from attn_jax.model import init_language_model, language_model, transformer
 from attn_jax.types import PRNGKeyArray
 
 
@@ -30,19 +31,23 @@ class TrainState:
     opt_state: Any
 
 
-def init_train_state(rng: PRNGKeyArray, model_config: TransformerConfig, tx, *, task: str = "translation"):
-    """Fresh parameters (``init_transformer`` or ``init_language_model``) and optimiser state at step 0."""
-    init = init_transformer if task == "translation" else init_language_model
+def init_train_state(rng: PRNGKeyArray, model_config: ModelConfig, tx, *, task: str = "translation"):
+    """Fresh parameters (the model family's ``init``, or ``init_language_model``) and optimiser state at step 0."""
+    init = family(model_config).init if task == "translation" else init_language_model
     params = init(rng, model_config)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
-def forward(params, batch: dict, *, model_config: TransformerConfig, dropout_rng=None):
+def forward(params, batch: dict, *, model_config: ModelConfig, dropout_rng=None):
     """Logits ``[B, T, V]`` for a batch: translation when it has ``"inputs"``, language modelling otherwise.
 
     Batches hold ``"targets_in"`` (decoder inputs: BOS + target) and ``"targets_out"`` (target + EOS),
-    and for translation ``"inputs"`` (source + EOS); ``0`` is padding.
+    and for translation ``"inputs"`` (source + EOS); ``0`` is padding. A recurrent family's config
+    (``attn_jax.families``) runs that family's model.
     """
+    if not isinstance(model_config, TransformerConfig):
+        model = family(model_config)
+        return model.apply(params, batch["inputs"], batch["targets_in"], config=model_config, dropout_rng=dropout_rng)
     if "inputs" in batch:
         return transformer(params, batch["inputs"], batch["targets_in"], config=model_config, dropout_rng=dropout_rng)
     return language_model(params, batch["targets_in"], config=model_config, dropout_rng=dropout_rng)
@@ -70,7 +75,7 @@ def train_step(
     batch: dict,
     rng: PRNGKeyArray,
     *,
-    model_config: TransformerConfig,
+    model_config: ModelConfig,
     tx: optax.GradientTransformation,
     label_smoothing: float = 0.1,
     axis_name: str | None = None,
@@ -112,7 +117,7 @@ def train_step(
     return new_state, metrics
 
 
-def eval_step(params, batch: dict, *, model_config: TransformerConfig, axis_name: str | None = None) -> dict:
+def eval_step(params, batch: dict, *, model_config: ModelConfig, axis_name: str | None = None) -> dict:
     """Sums of the unsmoothed loss, correct tokens and token count on one batch (no dropout).
 
     ``loss`` here is the plain negative log-likelihood, so ``exp(loss / weight)`` is the perplexity.
