@@ -30,8 +30,8 @@ from attn_jax.layers import (
     shared_logits,
     sinusoidal_positions,
 )
-from attn_jax.masks import causal_mask, combine_masks, padding_mask
-from attn_jax.model_config import ConfigError, TransformerConfig
+from attn_jax.losses import cross_entropy_sums
+from attn_jax.masks import causal_mask, combine_masks, padding_mask, segment_mask, segment_positions
 from attn_jax.model import (
     count_params,
     decode,
@@ -45,17 +45,34 @@ from attn_jax.model import (
     language_model_step,
     transformer,
 )
+from attn_jax.model_config import ConfigError, TransformerConfig
+from attn_jax.optim import make_optimizer, rsqrt_warmup_schedule
+
+# The training step lives with the training code (attn_jax.train); imported on first use so that the core never
+# imports training code at package import time.
+_TRAIN_NAMES = ("TrainState", "init_train_state", "train_step", "eval_step", "forward")
+
+
+def __getattr__(name: str):
+    if name in _TRAIN_NAMES:
+        from attn_jax import train
+
+        return getattr(train, name)
+    raise AttributeError(f"module 'attn_jax' has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError",
+    "TrainState",
     "TransformerConfig",
     "additive_attention",
     "beam_search",
     "causal_mask",
     "combine_masks",
     "count_params",
+    "cross_entropy_sums",
     "decode",
     "decode_step",
     "decoder_block",
@@ -63,6 +80,8 @@ __all__ = [
     "embed",
     "encode",
     "encoder_block",
+    "eval_step",
+    "forward",
     "from_flax_linen_attention",
     "greedy_decode",
     "init_additive_attention",
@@ -76,21 +95,27 @@ __all__ = [
     "init_learned_positions",
     "init_multi_head_attention",
     "init_position_wise_ffn",
+    "init_train_state",
     "init_transformer",
     "language_model",
     "language_model_step",
     "layer_norm",
     "learned_positions",
     "length_penalty",
+    "make_optimizer",
     "multi_head_attention",
     "padding_mask",
     "position_wise_ffn",
     "project_key_value",
     "project_output",
     "project_query",
+    "rsqrt_warmup_schedule",
     "sample_language_model",
     "scaled_dot_product_attention",
+    "segment_mask",
+    "segment_positions",
     "shared_logits",
     "sinusoidal_positions",
+    "train_step",
     "transformer",
 ]

@@ -18,6 +18,8 @@ from attn_jax.types import (
     Int,
     LayerNormParams,
     PRNGKeyArray,
+    ensure_static,
+    upcast_dtype,
 )
 
 
@@ -37,7 +39,7 @@ def init_layer_norm(d_model: int, *, dtype=jnp.float32) -> LayerNormParams:
 
 
 def layer_norm(params: LayerNormParams, x: Float[Array, "*B D"], *, epsilon: float = 1e-6) -> Float[Array, "*B D"]:
-    """(x - mean) / sqrt(var + epsilon) * scale + bias over the last axis, computed in float32.
+    """(x - mean) / sqrt(var + epsilon) * scale + bias over the last axis, in ``promote(float32, x.dtype)``.
 
     Args:
       params: ``{"scale": [D], "bias": [D]}``.
@@ -51,11 +53,12 @@ def layer_norm(params: LayerNormParams, x: Float[Array, "*B D"], *, epsilon: flo
       >>> layer_norm(init_layer_norm(2), jnp.array([[1.0, 3.0]])).round(4).tolist()
       [[-1.0, 1.0]]
     """
-    x32 = x.astype(jnp.float32)
+    compute = upcast_dtype(x.dtype)
+    x32 = x.astype(compute)
     mean = jnp.mean(x32, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + epsilon)
-    scale, bias = (_lift(params[name].astype(jnp.float32), x.ndim) for name in ("scale", "bias"))
+    y = (x32 - mean) * jax.lax.rsqrt(var + jnp.asarray(epsilon, compute))
+    scale, bias = (_lift(params[name].astype(compute), x.ndim) for name in ("scale", "bias"))
     return (y * scale + bias).astype(x.dtype)
 
 
@@ -135,40 +138,24 @@ def embed(
     return x * math.sqrt(table.shape[1]) if scale else x
 
 
-def shared_logits(params: EmbeddingParams, x: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
+def shared_logits(params: EmbeddingParams, x: Float[Array, "*B T D"]) -> Float[Array, "*B T V"]:
     """The pre-softmax linear transformation through the (shared) embedding matrix: x E^T.
 
-    Reverse-mode only (``jax.grad``, not ``jax.jvp``): its gradient is written by hand, see ``_logits_bwd``.
+    Computed as one ``[B*T, D] x [V, D]^T`` matrix product over the flattened tokens. Plain autodiff of that
+    form gives the embedding's gradient as ``dlogits^T x`` on ``[B*T, V]``, which XLA:CPU runs as a matmul with
+    a transposed operand; the rank-3 form (``einsum("BTD,VD->BTV")``) made it materialise the ``[V, B*T]``
+    transpose of dlogits, the step's largest array (12% of the small benchmark's step,
+    experiments/results/NOTES.md). No custom derivative is needed, so forward mode (``jax.jvp``, ``jacfwd``,
+    ``hessian``) works as well as ``jax.grad``.
 
     Example:
       >>> shared_logits({"embedding": jnp.eye(3)}, jnp.array([[[1.0, 2.0, 3.0]]])).tolist()
       [[[1.0, 2.0, 3.0]]]
     """
-    return _logits(params["embedding"].astype(x.dtype), x)
-
-
-@jax.custom_vjp
-def _logits(table: Float[Array, "V D"], x: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
-    return jnp.einsum("BTD,VD->BTV", x, table)
-
-
-def _logits_fwd(table, x):
-    return _logits(table, x), (table, x)
-
-
-def _logits_bwd(residuals, d_logits: Float[Array, "B T V"]):
-    """d table = dlogits^T x, computed as (x^T dlogits)^T.
-
-    Autodiff's form makes XLA:CPU materialise the [V, B*T] transpose of dlogits, the step's largest array: 12% of
-    the small benchmark's training step (experiments/results/NOTES.md). This form transposes only x and the
-    [D, V] product.
-    """
-    table, x = residuals
-    d_table = jnp.einsum("BTD,BTV->DV", x, d_logits).T
-    return d_table, jnp.einsum("BTV,VD->BTD", d_logits, table)
-
-
-_logits.defvjp(_logits_fwd, _logits_bwd)
+    table = params["embedding"].astype(x.dtype)
+    tokens = x.reshape(-1, x.shape[-1])  # [..., T, D] -> [B*T, D]
+    logits = jax.lax.dot_general(tokens, table, (((1,), (1,)), ((), ())))  # [B*T, D] x [V, D] -> [B*T, V]
+    return logits.reshape(*x.shape[:-1], table.shape[0])  # [B*T, V] -> [..., T, V]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -176,31 +163,40 @@ _logits.defvjp(_logits_fwd, _logits_bwd)
 # ----------------------------------------------------------------------------------------------------------
 
 
-def sinusoidal_positions(length: int, d_model: int, *, offset: int | Int[Array, ""] = 0) -> Float[Array, "T D"]:
+def sinusoidal_positions(
+    positions: int | Int[Array, "*B T"], d_model: int, *, offset: int | Int[Array, ""] = 0, dtype=jnp.float32
+) -> Float[Array, "*B T D"]:
     """PE(pos, 2i) = sin(pos / 10000^(2i/d_model)),  PE(pos, 2i+1) = cos(pos / 10000^(2i/d_model)).
 
     Sine on even and cosine on odd dimensions, interleaved exactly as the paper writes it (some libraries
     concatenate the two halves instead).
 
     Args:
-      length: ``T``, the number of positions.
+      positions: ``T``, for positions ``0 .. T-1``; or an integer array ``[..., T]`` of positions (packed rows,
+        where each sequence's positions restart at 0).
       d_model: ``D``; may be odd (the last column is then a sine).
-      offset: the first position (used when decoding one token at a time).
+      offset: added to every position (used when decoding one token at a time).
+      dtype: the compute dtype (float32; float64 gives float64 accuracy).
 
     Returns:
-      ``[T, D]`` float32.
+      ``[T, D]`` for a length, ``[..., T, D]`` for an array of positions.
 
     Example:
       >>> import numpy as np
       >>> np.asarray(sinusoidal_positions(2, 4), np.float64).round(3).tolist()
       [[0.0, 1.0, 0.0, 1.0], [0.841, 0.54, 0.01, 1.0]]
+      >>> sinusoidal_positions(jnp.array([[0, 1, 0]]), 4)[0, 2].tolist()  # a packed row's second sequence
+      [0.0, 1.0, 0.0, 1.0]
     """
-    positions = jnp.arange(length, dtype=jnp.float32) + jnp.asarray(offset, jnp.float32)
-    two_i = jnp.arange(0, d_model, 2, dtype=jnp.float32)
-    angles = positions[:, None] / jnp.power(10000.0, two_i / d_model)[None, :]  # [T, ceil(D/2)]
-    # [T, D/2] sin, [T, D/2] cos -> [T, D/2, 2] -> [T, D], so sin lands on even and cos on odd columns.
-    interleaved = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(length, -1)
-    return interleaved[:, :d_model]
+    if isinstance(positions, int):
+        positions = jnp.arange(positions, dtype=dtype)
+    positions = positions.astype(dtype) + jnp.asarray(offset, dtype)
+    two_i = jnp.arange(0, d_model, 2, dtype=dtype)
+    frequencies = jnp.power(jnp.asarray(10000.0, dtype), two_i / jnp.asarray(d_model, dtype))
+    angles = positions[..., None] / _lift(frequencies, positions.ndim + 1)  # [..., T, ceil(D/2)]
+    # [..., T, D/2] sin, cos -> [..., T, D/2, 2] -> [..., T, D]: sin lands on even and cos on odd columns.
+    interleaved = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(*positions.shape, -1)
+    return interleaved[..., :d_model]
 
 
 def init_learned_positions(rng: PRNGKeyArray, max_len: int, d_model: int, *, dtype=jnp.float32) -> Float[Array, "T D"]:
@@ -208,16 +204,30 @@ def init_learned_positions(rng: PRNGKeyArray, max_len: int, d_model: int, *, dty
     return jax.random.normal(rng, (max_len, d_model), dtype) * 0.02
 
 
-def learned_positions(table: Float[Array, "P D"], length: int, *, offset: int | Int[Array, ""] = 0):
-    """Rows ``offset .. offset + length`` of a learned position table, ``[T, D]``.
+def learned_positions(
+    table: Float[Array, "P D"], positions: int | Int[Array, "*B T"], *, offset: int | Int[Array, ""] = 0
+) -> Float[Array, "*B T D"]:
+    """Rows ``offset .. offset + T`` of a learned position table ``[T, D]``, or the rows of given positions.
+
+    Args:
+      table: ``[max_len, D]``.
+      positions: ``T`` (rows ``offset .. offset + T - 1``), or an integer array ``[..., T]`` of positions.
+      offset: the first position, for a length.
+
+    Returns:
+      ``[T, D]`` or ``[..., T, D]``.
 
     Example:
       >>> learned_positions(jnp.arange(6.0).reshape(3, 2), 2, offset=1).tolist()
       [[2.0, 3.0], [4.0, 5.0]]
+      >>> learned_positions(jnp.arange(6.0).reshape(3, 2), jnp.array([[2, 0]])).tolist()
+      [[[4.0, 5.0], [0.0, 1.0]]]
     """
-    if isinstance(offset, int) and offset + length > table.shape[0]:
-        raise ValueError(f"positions {offset}..{offset + length - 1} exceed the learned table of {table.shape[0]}")
-    return jax.lax.dynamic_slice_in_dim(table, offset, length, axis=0)
+    if not isinstance(positions, int):
+        return jnp.take(table, positions + offset, axis=0)
+    if isinstance(offset, int) and offset + positions > table.shape[0]:
+        raise ValueError(f"positions {offset}..{offset + positions - 1} exceed the learned table of {table.shape[0]}")
+    return jax.lax.dynamic_slice_in_dim(table, offset, positions, axis=0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -234,6 +244,7 @@ def dropout(x: Float[Array, "..."], rate: float, rng: PRNGKeyArray | None) -> Fl
       >>> dropout(jnp.ones(3), 0.5, None).tolist()
       [1.0, 1.0, 1.0]
     """
+    ensure_static("dropout", rate=rate)
     if rng is None or rate == 0.0:
         return x
     keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)

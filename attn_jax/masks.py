@@ -2,8 +2,14 @@
 
 Every mask is boolean with True meaning "may attend", shaped to broadcast against attention logits
 ``[B, N, T, S]``.
+
+Packing (several sequences in one row, as in T5 and the Flax WMT example) is described per token by integer
+segment ids (0 = padding, 1, 2, ... = the sequence's number within its row) and positions that restart at 0 in
+each segment: ``segment_mask`` keeps attention inside a segment and ``segment_positions`` derives the
+positions from the ids.
 """
 
+import jax
 import jax.numpy as jnp
 
 from attn_jax.types import Array, Bool, Int
@@ -29,6 +35,48 @@ def padding_mask(q_tokens: Int[Array, "B T"], kv_tokens: Int[Array, "B S"], pad_
     kv_real = kv_tokens != pad_id
     # [B, T] x [B, S] -> [B, 1, T, S]
     return q_real[:, None, :, None] & kv_real[:, None, None, :]
+
+
+def key_padding_mask(kv_real: Bool[Array, "*B S"]) -> Bool[Array, "*B 1 1 S"]:
+    """A per-key mask ``[..., S]`` (True = a real key that may be attended) in the broadcastable form.
+
+    Example:
+      >>> key_padding_mask(jnp.array([[True, False]])).shape
+      (1, 1, 1, 2)
+    """
+    return kv_real[..., None, None, :]
+
+
+def segment_mask(q_segments: Int[Array, "*B T"], kv_segments: Int[Array, "*B S"]) -> Bool[Array, "*B 1 T S"]:
+    """Lets a query attend to a key only inside the same packed sequence (equal, nonzero segment ids).
+
+    Args:
+      q_segments: query-side segment ids ``[..., T]``; 0 marks padding.
+      kv_segments: key-side segment ids ``[..., S]``; 0 marks padding.
+
+    Returns:
+      ``[..., 1, T, S]``, True where the ids are equal and nonzero.
+
+    Example:
+      >>> segment_mask(jnp.array([[1, 1, 2, 0]]), jnp.array([[1, 1, 2, 0]]))[0, 0].astype(int).tolist()
+      [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]]
+    """
+    same = q_segments[..., :, None] == kv_segments[..., None, :]
+    return (same & (q_segments != 0)[..., :, None])[..., None, :, :]
+
+
+def segment_positions(segment_ids: Int[Array, "*B T"]) -> Int[Array, "*B T"]:
+    """Positions that restart at 0 wherever the segment id changes (what a packer writes beside the ids).
+
+    Example:
+      >>> segment_positions(jnp.array([[1, 1, 1, 2, 2, 0]])).tolist()
+      [[0, 1, 2, 0, 1, 0]]
+    """
+    index = jnp.arange(segment_ids.shape[-1], dtype=jnp.int32)
+    index = jnp.broadcast_to(index, segment_ids.shape)
+    previous = jnp.concatenate([jnp.full_like(segment_ids[..., :1], -1), segment_ids[..., :-1]], axis=-1)
+    starts = jnp.where(segment_ids != previous, index, 0)
+    return index - jax.lax.cummax(starts, axis=segment_ids.ndim - 1)
 
 
 def causal_mask(T: int, S: int | None = None) -> Bool[Array, "1 1 T S"]:

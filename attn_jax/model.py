@@ -1,7 +1,7 @@
 """Encoder and decoder stacks, the encoder-decoder Transformer and a decoder-only language model (paper §3.1).
 
-The layers themselves are in ``attn_jax.blocks``; with ``norm_first=True`` each stack ends in a final
-LayerNorm. Dropout is applied only when a ``dropout_rng`` is passed: no PRNG key means evaluation.
+The layers themselves are in ``attn_jax.blocks``; with ``norm_first=True`` (or ``final_norm=True``) each stack
+ends in a final LayerNorm. Dropout is applied only when a ``dropout_rng`` is passed: no PRNG key means evaluation.
 
 The parameters of a stack's layers are stacked along a leading ``L`` axis, so the same tree runs scanned
 (``jax.lax.scan``, compile time independent of depth) or unrolled (``scan_layers=False``).
@@ -12,7 +12,7 @@ Parameter tree of ``init_transformer``::
      "output_embedding": {"embedding": [V, D]}, # only with tie_output_embedding=False
      "encoder": {"layers": EncoderBlockParams with a leading [L] axis,
                  "positions": [max_len, D],     # only with positions="learned"
-                 "norm": LayerNormParams},      # only with norm_first=True
+                 "norm": LayerNormParams},      # only with norm_first=True (or final_norm=True)
      "decoder": {"layers": DecoderBlockParams [L, ...], "positions": ..., "norm": ...}}
 """
 
@@ -30,33 +30,100 @@ from attn_jax.blocks import (
     run_stack,
     split_rngs,
 )
-from attn_jax.masks import causal_mask, combine_masks, padding_mask
+from attn_jax.masks import causal_mask, combine_masks, segment_mask, segment_positions
 from attn_jax.model_config import ConfigError, TransformerConfig
-from attn_jax.types import Array, Float, Int, PRNGKeyArray
+from attn_jax.types import Array, Bool, Float, Int, PRNGKeyArray, ensure_static, upcast_dtype
+
+# Token ids or the caller's embeddings in their place: source [B, S] | [B, S, D], target [B, T] | [B, T, D].
+Source = Int[Array, "B S"] | Float[Array, "B S D"]
+Target = Int[Array, "B T"] | Float[Array, "B T D"]
 
 # ----------------------------------------------------------------------------------------------------------
-# Embeddings and the encoder-decoder model
+# Inputs: embeddings, positions and masks
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _embed(params, tokens, table: str, stack, *, config: TransformerConfig, rng, offset=0):
-    """Token embedding (x sqrt(D)) plus positions, then dropout (§3.4, §3.5, §5.4)."""
-    T = tokens.shape[1]
-    if tokens.ndim != 2 or T == 0:
-        raise ValueError(f"tokens must be a non-empty [B, T] array, got shape {tokens.shape}")
+def _is_embeddings(inputs) -> bool:
+    return jnp.issubdtype(inputs.dtype, jnp.floating)
+
+
+def _embed(params, inputs, table: str, stack, *, config: TransformerConfig, rng, offset=0, positions=None):
+    """Token embedding (x sqrt(D)), or the caller's embeddings, plus positions, then dropout (§3.4, §3.5, §5.4).
+
+    ``positions`` ``[B, T]`` (packed rows: restarting at 0 in each sequence) replaces ``offset + 0 .. T-1``.
+    """
+    embeddings = _is_embeddings(inputs)
+    if inputs.ndim != (3 if embeddings else 2) or inputs.shape[1] == 0:
+        raise ValueError(f"inputs must be non-empty [B, T] token ids or [B, T, D] embeddings, got {inputs.shape}")
+    T = inputs.shape[1]
     if isinstance(offset, int) and offset + T > config.max_len:
         raise ValueError(f"sequence of length {offset + T} exceeds TransformerConfig.max_len={config.max_len}")
+    _check_per_token("positions", positions, inputs.shape[:2])
     dtype = jnp.dtype(config.dtype)
-    x = layers.embed(params[table], tokens, scale=config.scale_embeddings, dtype=dtype)
-    if config.positions == "learned":
-        positions = layers.learned_positions(stack["positions"], T, offset=offset)
+    if embeddings:
+        if inputs.shape[2] != config.d_model:
+            raise ValueError(f"embeddings {inputs.shape} must end in d_model={config.d_model}")
+        x = inputs.astype(dtype)
     else:
-        positions = layers.sinusoidal_positions(T, config.d_model, offset=offset)
-    return layers.dropout(x + positions[None].astype(dtype), config.dropout_rate, rng)
+        x = layers.embed(params[table], inputs, scale=config.scale_embeddings, dtype=dtype)
+    which = T if positions is None else positions  # [T, D] broadcast over the batch, or [B, T, D] per token
+    if config.positions == "learned":
+        pe = layers.learned_positions(stack["positions"], which, offset=offset)
+    else:
+        pe = layers.sinusoidal_positions(which, config.d_model, offset=offset, dtype=upcast_dtype(dtype))
+    pe = pe[None] if positions is None else pe
+    return layers.dropout(x + pe.astype(dtype), config.dropout_rate, rng)
+
+
+def _check_per_token(name: str, x, shape) -> None:
+    if x is not None and tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must be [B, T] = {tuple(shape)} like the inputs, got shape {tuple(x.shape)}")
+
+
+def _real(inputs, mask, segment_ids, name: str, config: TransformerConfig, *, shape=None):
+    """``[B, T]`` True at real (non-padding) tokens, or None when nothing says which are padding.
+
+    The AND of what is given: the caller's ``mask``, ``segment_ids != 0`` and, for token ids,
+    ``inputs != pad_id`` (``inputs`` None or embeddings: no ids to read; ``shape`` is then ``[B, T]``).
+    """
+    shape = inputs.shape[:2] if shape is None else shape
+    _check_per_token(f"{name}mask", mask, shape)
+    _check_per_token(f"{name}segment_ids", segment_ids, shape)
+    if mask is not None and mask.dtype != jnp.bool_:
+        raise TypeError(f"{name}mask must be boolean (True = a real token), got dtype {mask.dtype}")
+    real = None if inputs is None or _is_embeddings(inputs) else inputs != config.pad_id
+    for extra in (mask, None if segment_ids is None else segment_ids != 0):
+        if extra is not None:
+            real = extra if real is None else real & extra
+    return real
+
+
+def _pair_mask(q_real, kv_real):
+    """``[B, T] x [B, S] -> [B, 1, T, S]``: query and key both real (``padding_mask`` for booleans)."""
+    if q_real is None and kv_real is None:
+        return None
+    if q_real is None:
+        return kv_real[:, None, None, :]
+    if kv_real is None:
+        return q_real[:, None, :, None]
+    return q_real[:, None, :, None] & kv_real[:, None, None, :]
+
+
+def _segments(q_segments, kv_segments, what: str):
+    if (q_segments is None) != (kv_segments is None):
+        raise ValueError(f"{what}: pass segment ids for both sides of a packed batch, or for neither")
+    return None if q_segments is None else segment_mask(q_segments, kv_segments)
+
+
+def _positions(positions, segment_ids):
+    """The caller's positions; else, for packed rows, positions restarting at each segment; else None."""
+    if positions is None and segment_ids is not None:
+        return segment_positions(segment_ids)
+    return positions
 
 
 def _final_norm(stack, x, config: TransformerConfig):
-    return layers.layer_norm(stack["norm"], x, epsilon=config.layer_norm_epsilon) if config.norm_first else x
+    return layers.layer_norm(stack["norm"], x, epsilon=config.layer_norm_epsilon) if config.has_final_norm else x
 
 
 # A decoder-only model has one vocabulary table, whatever share_embeddings says.
@@ -68,42 +135,58 @@ def _table(kind: str, config: TransformerConfig) -> str:
     return "embedding" if config.share_embeddings else f"{kind}_embedding"
 
 
+# ----------------------------------------------------------------------------------------------------------
+# The encoder-decoder model
+# ----------------------------------------------------------------------------------------------------------
+
+
 def encode(
     params,
-    src_tokens: Int[Array, "B S"],
+    src: Source,
     *,
     config: TransformerConfig,
+    src_mask: Bool[Array, "B S"] | None = None,
+    positions: Int[Array, "B S"] | None = None,
+    segment_ids: Int[Array, "B S"] | None = None,
+    attention_mask: Bool[Array, "#B #N S S"] | None = None,
     dropout_rng: PRNGKeyArray | None = None,
     return_weights: bool = False,
 ):
-    """The encoder stack: source tokens to the memory the decoder attends to.
+    """The encoder stack: source tokens (or embeddings) to the memory the decoder attends to.
 
     Args:
       params: from ``init_transformer``.
-      src_tokens: ``[B, S]`` source ids, ``config.pad_id`` for padding.
+      src: ``[B, S]`` source ids (``config.pad_id`` for padding), or ``[B, S, D]`` embeddings used in place of
+        the scaled embedding lookup (positions and dropout are still added).
       config: the model's ``TransformerConfig``.
+      src_mask: ``[B, S]`` True at real tokens; ANDed with ``src != pad_id`` for ids (needed for embeddings).
+      positions: ``[B, S]`` position of each token (default ``0 .. S-1``, or restarting per segment).
+      segment_ids: ``[B, S]`` packed-sequence ids (0 = padding): tokens attend only inside their sequence.
+      attention_mask: a mask of your own, ``[B|1, N|1, S, S]``, True = attend; ANDed with the above.
       dropout_rng: enables dropout when given.
       return_weights: also return the self-attention weights ``[L, B, N, S, S]``.
 
     Returns:
       memory ``[B, S, D]`` (and the weights with ``return_weights``).
     """
-    mask = padding_mask(src_tokens, src_tokens, config.pad_id)
+    ensure_static("encode", return_weights=return_weights)
+    real = _real(src, src_mask, segment_ids, "src_", config)
+    mask = combine_masks(_pair_mask(real, real), _segments(segment_ids, segment_ids, "encode"), attention_mask)
     memory, weights = _self_attention_stack(
-        params, "encoder", src_tokens, _table("source", config), mask, config=config, rng=dropout_rng,
-        return_weights=return_weights,
+        params, "encoder", src, _table("source", config), mask, _positions(positions, segment_ids),
+        config=config, rng=dropout_rng, return_weights=return_weights,
     )  # fmt: skip
     return (memory, weights) if return_weights else memory
 
 
-def _self_attention_stack(params, stack_name: str, tokens, table: str, mask, *, config, rng, return_weights):
+def _self_attention_stack(params, stack_name: str, inputs, table: str, mask, positions, *, config, rng, return_weights):
     """Embedding, then encoder-style blocks (self-attention + FFN) under ``mask``, then the final norm.
 
     The encoder runs it with a padding mask, the decoder-only language model with a causal one.
     """
     r_embed, r_layers = split_rngs(rng, 2)
     stack = params[stack_name]
-    x = _embed(params, tokens, table, stack, config=config, rng=r_embed)
+    x = _embed(params, inputs, table, stack, config=config, rng=r_embed, positions=positions)
 
     def block(p, h, layer_rng):
         h, (weights, _) = apply_encoder_block(
@@ -118,11 +201,18 @@ def _self_attention_stack(params, stack_name: str, tokens, table: str, mask, *, 
 
 def decode(
     params,
-    tgt_tokens: Int[Array, "B T"],
+    tgt: Target,
     memory: Float[Array, "B S D"],
-    src_tokens: Int[Array, "B S"],
+    src_tokens: Int[Array, "B S"] | None = None,
     *,
     config: TransformerConfig,
+    tgt_mask: Bool[Array, "B T"] | None = None,
+    src_mask: Bool[Array, "B S"] | None = None,
+    positions: Int[Array, "B T"] | None = None,
+    segment_ids: Int[Array, "B T"] | None = None,
+    src_segment_ids: Int[Array, "B S"] | None = None,
+    self_attention_mask: Bool[Array, "#B #N T T"] | None = None,
+    cross_attention_mask: Bool[Array, "#B #N T S"] | None = None,
     dropout_rng: PRNGKeyArray | None = None,
     return_weights: bool = False,
 ):
@@ -130,22 +220,39 @@ def decode(
 
     Args:
       params: from ``init_transformer``.
-      tgt_tokens: ``[B, T]`` decoder inputs (the targets shifted right behind a start token).
+      tgt: ``[B, T]`` decoder inputs (the targets shifted right behind a start token), or ``[B, T, D]``
+        embeddings.
       memory: ``[B, S, D]`` from ``encode``.
-      src_tokens: ``[B, S]`` the source ids, for the encoder-decoder padding mask.
+      src_tokens: ``[B, S]`` the source ids, for the encoder-decoder padding mask (or give ``src_mask``).
       config: the model's ``TransformerConfig``.
+      tgt_mask: ``[B, T]`` True at real target tokens (ANDed with ``tgt != pad_id`` for ids).
+      src_mask: ``[B, S]`` True at real source tokens (ANDed with ``src_tokens != pad_id``).
+      positions: ``[B, T]`` target positions (default ``0 .. T-1``, or restarting per segment).
+      segment_ids: ``[B, T]`` packed-sequence ids of the targets; needs ``src_segment_ids``: target sequence
+        ``k`` attends to source sequence ``k`` only.
+      src_segment_ids: ``[B, S]`` packed-sequence ids of the sources.
+      self_attention_mask: your own ``[B|1, N|1, T, T]`` mask, ANDed with the causal and padding masks.
+      cross_attention_mask: your own ``[B|1, N|1, T, S]`` mask, ANDed with the padding masks.
       dropout_rng: enables dropout when given.
       return_weights: also return ``{"self": [L,B,N,T,T], "cross": [L,B,N,T,S]}``.
 
     Returns:
-      logits ``[B, T, V]`` in float32 (and the weights with ``return_weights``).
+      logits ``[B, T, V]`` in ``promote(float32, config.dtype)`` (and the weights with ``return_weights``).
     """
+    ensure_static("decode", return_weights=return_weights)
     r_embed, r_layers = split_rngs(dropout_rng, 2)
     stack = params["decoder"]
-    T = tgt_tokens.shape[1]
-    y = _embed(params, tgt_tokens, _table("target", config), stack, config=config, rng=r_embed)
-    self_mask = combine_masks(padding_mask(tgt_tokens, tgt_tokens, config.pad_id), causal_mask(T))
-    cross_mask = padding_mask(tgt_tokens, src_tokens, config.pad_id)
+    T = tgt.shape[1]
+    positions = _positions(positions, segment_ids)
+    y = _embed(params, tgt, _table("target", config), stack, config=config, rng=r_embed, positions=positions)
+    tgt_real = _real(tgt, tgt_mask, segment_ids, "tgt_", config)
+    src_real = _source_real(src_tokens, src_mask, src_segment_ids, memory, config)
+    self_mask = combine_masks(
+        _pair_mask(tgt_real, tgt_real), causal_mask(T), _segments(segment_ids, segment_ids, "decode"),
+        self_attention_mask,
+    )  # fmt: skip
+    cross_segments = _segments(segment_ids, src_segment_ids, "decode (segment_ids, src_segment_ids)")
+    cross_mask = combine_masks(_pair_mask(tgt_real, src_real), cross_segments, cross_attention_mask)
 
     def block(p, h, rng):
         kv = project_key_value(p["cross_attention"], memory)
@@ -160,18 +267,34 @@ def decode(
     return (logits, weights) if return_weights else logits
 
 
+def _source_real(src_tokens, src_mask, src_segment_ids, memory, config: TransformerConfig):
+    """``[B, S]`` True at real source positions (from ids, a mask and/or segment ids), or None."""
+    if src_tokens is not None and (src_tokens.shape != memory.shape[:2] or _is_embeddings(src_tokens)):
+        raise ValueError(f"src_tokens must be [B, S] ids matching memory {memory.shape}, got {src_tokens.shape}")
+    return _real(src_tokens, src_mask, src_segment_ids, "src_", config, shape=memory.shape[:2])
+
+
 def _logits(params, y, config: TransformerConfig, input_table: str):
     """Pre-softmax projection through the input embedding (tied, §3.4) or a separate output table."""
     table = input_table if config.tie_output_embedding else "output_embedding"
-    return layers.shared_logits(params[table], y).astype(jnp.float32)
+    return layers.shared_logits(params[table], y).astype(upcast_dtype(y.dtype))
 
 
 def transformer(
     params,
-    src_tokens: Int[Array, "B S"],
-    tgt_tokens: Int[Array, "B T"],
+    src: Source,
+    tgt: Target,
     *,
     config: TransformerConfig,
+    src_mask: Bool[Array, "B S"] | None = None,
+    tgt_mask: Bool[Array, "B T"] | None = None,
+    src_positions: Int[Array, "B S"] | None = None,
+    tgt_positions: Int[Array, "B T"] | None = None,
+    src_segment_ids: Int[Array, "B S"] | None = None,
+    tgt_segment_ids: Int[Array, "B T"] | None = None,
+    encoder_attention_mask: Bool[Array, "#B #N S S"] | None = None,
+    decoder_attention_mask: Bool[Array, "#B #N T T"] | None = None,
+    cross_attention_mask: Bool[Array, "#B #N T S"] | None = None,
     dropout_rng: PRNGKeyArray | None = None,
     return_weights: bool = False,
 ):
@@ -179,14 +302,21 @@ def transformer(
 
     Args:
       params: from ``init_transformer``.
-      src_tokens: ``[B, S]`` source ids.
-      tgt_tokens: ``[B, T]`` decoder inputs (targets shifted right).
-      config: the model's ``TransformerConfig``.
+      src: ``[B, S]`` source ids, or ``[B, S, D]`` embeddings (see ``encode``).
+      tgt: ``[B, T]`` decoder inputs (targets shifted right), or ``[B, T, D]`` embeddings.
+      config: the model's ``TransformerConfig``; a static pytree, so ``jax.jit(transformer)`` takes it as is.
+      src_mask, tgt_mask: ``[B, S]``, ``[B, T]`` True at real tokens (ANDed with ``!= pad_id`` for ids).
+      src_positions, tgt_positions: per-token positions (default ``0 ..``, or restarting per segment).
+      src_segment_ids, tgt_segment_ids: packed-sequence ids (0 = padding); sequence ``k`` of a row attends only
+        within itself, and its target only to its own source.
+      encoder_attention_mask, decoder_attention_mask, cross_attention_mask: masks of your own,
+        ``[B|1, N|1, S|T, S|T]``, ANDed with the padding, causal and segment masks.
       dropout_rng: enables dropout when given.
       return_weights: also return ``{"encoder": [L,B,N,S,S], "decoder": [L,B,N,T,T], "cross": [L,B,N,T,S]}``.
 
     Returns:
-      logits ``[B, T, V]`` in float32 (and the attention weights with ``return_weights``).
+      logits ``[B, T, V]`` in ``promote(float32, config.dtype)`` (and the attention weights with
+      ``return_weights``).
 
     Example:
       >>> cfg = TransformerConfig(vocab_size=11, d_model=8, num_heads=2, d_ff=16, num_encoder_layers=2,
@@ -195,19 +325,20 @@ def transformer(
       >>> transformer(params, jnp.ones((2, 5), jnp.int32), jnp.ones((2, 3), jnp.int32), config=cfg).shape
       (2, 3, 11)
     """
+    ensure_static("transformer", return_weights=return_weights)
     _check_vocab(params, config, _table("target", config))
     r_enc, r_dec = split_rngs(dropout_rng, 2)
-    encoded = encode(params, src_tokens, config=config, dropout_rng=r_enc, return_weights=return_weights)
+    encoded = encode(
+        params, src, config=config, src_mask=src_mask, positions=src_positions, segment_ids=src_segment_ids,
+        attention_mask=encoder_attention_mask, dropout_rng=r_enc, return_weights=return_weights,
+    )  # fmt: skip
     memory = encoded[0] if return_weights else encoded
     decoded = decode(
-        params,
-        tgt_tokens,
-        memory,
-        src_tokens,
-        config=config,
-        dropout_rng=r_dec,
+        params, tgt, memory, None if _is_embeddings(src) else src, config=config, tgt_mask=tgt_mask,
+        src_mask=src_mask, positions=tgt_positions, segment_ids=tgt_segment_ids, src_segment_ids=src_segment_ids,
+        self_attention_mask=decoder_attention_mask, cross_attention_mask=cross_attention_mask, dropout_rng=r_dec,
         return_weights=return_weights,
-    )
+    )  # fmt: skip
     if not return_weights:
         return decoded
     logits, dec_w = decoded
@@ -230,9 +361,13 @@ def _check_vocab(params, config: TransformerConfig, table_name: str):
 
 def language_model(
     params,
-    tokens: Int[Array, "B T"],
+    tokens: Target,
     *,
     config: TransformerConfig,
+    mask: Bool[Array, "B T"] | None = None,
+    positions: Int[Array, "B T"] | None = None,
+    segment_ids: Int[Array, "B T"] | None = None,
+    attention_mask: Bool[Array, "#B #N T T"] | None = None,
     dropout_rng: PRNGKeyArray | None = None,
     return_weights: bool = False,
 ):
@@ -240,19 +375,29 @@ def language_model(
 
     Args:
       params: from ``init_language_model``.
-      tokens: ``[B, T]`` ids.
+      tokens: ``[B, T]`` ids, or ``[B, T, D]`` embeddings.
       config: the model's ``TransformerConfig`` (``num_encoder_layers`` is ignored).
+      mask: ``[B, T]`` True at real tokens (ANDed with ``tokens != pad_id`` for ids).
+      positions: ``[B, T]`` positions (default ``0 .. T-1``, or restarting per segment).
+      segment_ids: ``[B, T]`` packed-sequence ids (0 = padding): causal attention inside each sequence only.
+      attention_mask: your own ``[B|1, N|1, T, T]`` mask, ANDed with the causal and padding masks.
       dropout_rng: enables dropout when given.
       return_weights: also return the self-attention weights ``[L, B, N, T, T]``.
 
     Returns:
       logits ``[B, T, V]`` predicting token ``t + 1`` at position ``t`` (and the weights).
     """
+    ensure_static("language_model", return_weights=return_weights)
     _check_vocab(params, config, _LM_TABLE)
-    mask = combine_masks(padding_mask(tokens, tokens, config.pad_id), causal_mask(tokens.shape[1]))
+    real = _real(tokens, mask, segment_ids, "", config)
+    full_mask = combine_masks(
+        _pair_mask(real, real), causal_mask(tokens.shape[1]), _segments(segment_ids, segment_ids, "language_model"),
+        attention_mask,
+    )  # fmt: skip
     x, weights = _self_attention_stack(
-        params, "decoder", tokens, _LM_TABLE, mask, config=config, rng=dropout_rng, return_weights=return_weights
-    )
+        params, "decoder", tokens, _LM_TABLE, full_mask, _positions(positions, segment_ids), config=config,
+        rng=dropout_rng, return_weights=return_weights,
+    )  # fmt: skip
     logits = _logits(params, x, config, _LM_TABLE)
     return (logits, weights) if return_weights else logits
 
@@ -265,19 +410,23 @@ def language_model(
 def init_decode_cache(
     params,
     memory: Float[Array, "B S D"],
-    src_tokens: Int[Array, "B S"],
+    src_tokens: Int[Array, "B S"] | None,
     *,
     config: TransformerConfig,
     max_len: int,
+    src_mask: Bool[Array, "B S"] | None = None,
 ) -> dict:
     """Cache for ``decode_step``: empty self-attention keys/values and the encoder's keys/values, once.
 
     Args:
       params: from ``init_transformer``.
       memory: ``[B, S, D]`` from ``encode``.
-      src_tokens: ``[B, S]``, for the encoder-decoder padding mask.
+      src_tokens: ``[B, S]``, for the encoder-decoder padding mask (None: use ``src_mask`` alone).
       config: the model's ``TransformerConfig``.
       max_len: the most target tokens that will be decoded (``<= config.max_len``).
+      src_mask: ``[B, S]`` source positions the decoder may attend to, ANDed with ``src_tokens != pad_id``. To
+        decode sequence ``k`` of a packed source (encoded with its ``segment_ids``), pass
+        ``src_segment_ids == k``.
 
     Returns:
       ``{"self": {"k", "v"}: [L, B, max_len, K, H], "cross": {"k", "v"}: [L, B, S, K, H],
@@ -285,12 +434,13 @@ def init_decode_cache(
     """
     if not 0 < max_len <= config.max_len:
         raise ValueError(f"max_len={max_len} must be in [1, TransformerConfig.max_len={config.max_len}]")
+    source_real = _source_real(src_tokens, src_mask, None, memory, config)
     cross = params["decoder"]["layers"]["cross_attention"]
     k, v = jax.vmap(lambda p: project_key_value(p, memory))(cross)  # [L, B, S, K, H] each
     return {
         "self": _empty_self_cache(config, memory.shape[0], max_len, config.num_decoder_layers),
         "cross": {"k": k, "v": v},
-        "source_real": src_tokens != config.pad_id,
+        "source_real": jnp.ones(memory.shape[:2], jnp.bool_) if source_real is None else source_real,
         "index": jnp.zeros((), jnp.int32),
     }
 
@@ -320,7 +470,7 @@ def decode_step(params, cache: dict, tokens: Int[Array, "B T"], *, config: Trans
       config: the model's ``TransformerConfig``.
 
     Returns:
-      ``(logits [B, T, V] float32, the updated cache)``.
+      ``(logits [B, T, V], the updated cache)``.
     """
     index, max_len = cache["index"], cache["self"]["k"].shape[2]
     stack = params["decoder"]
@@ -378,7 +528,7 @@ def _init_stack(rng, init_block, num_layers: int, config: TransformerConfig):
     stack = {"layers": jax.vmap(lambda r: init_block(r, config))(jax.random.split(r_layers, num_layers))}
     if config.positions == "learned":
         stack["positions"] = layers.init_learned_positions(r_pos, config.max_len, config.d_model)
-    if config.norm_first:
+    if config.has_final_norm:
         stack["norm"] = layers.init_layer_norm(config.d_model)
     return stack
 

@@ -14,8 +14,10 @@ import dataclasses
 import math
 from typing import Any
 
+import jax
+
 POSITIONS = ("sinusoidal", "learned")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16", "float64")
 ATTENTION_IMPLEMENTATIONS = (None, "xla", "chunked", "cudnn")
 
 
@@ -27,8 +29,9 @@ class ConfigError(ValueError):
 class TransformerConfig:
     """Hyperparameters of the encoder-decoder Transformer (and of the decoder-only language model).
 
-    Passed to jitted functions as a static argument, so it must stay hashable: use ``dataclasses.replace`` to
-    derive variants.
+    A static pytree (hashable, no array leaves): ``jax.jit(aj.transformer)(params, src, tgt, config=cfg)``,
+    ``jax.vmap``, ``jax.grad`` and ``eqx.filter_jit``-style code take it as an ordinary argument, and a changed
+    config recompiles. Use ``dataclasses.replace`` to derive variants.
 
     Example:
       >>> cfg = TransformerConfig.base(vocab_size=37000)
@@ -52,13 +55,14 @@ class TransformerConfig:
     tie_output_embedding: bool = True  # pre-softmax projection = target embedding transposed (paper §3.4)
     scale_embeddings: bool = True  # multiply embeddings by sqrt(d_model) (paper §3.4)
     norm_first: bool = False  # pre-norm x + Sublayer(LN(x)); False = the paper's LN(x + Sublayer(x))
+    final_norm: bool | None = None  # a LayerNorm after each stack; None = norm_first (paper: none, post-norm)
     attention_bias: bool = True  # biases in the Q/K/V/O projections (paper: unspecified; counts match 63.1M)
     layer_norm_epsilon: float = 1e-6  # added to the variance in layer norm
     pad_id: int = 0  # token id treated as padding in masks
     scan_layers: bool = True  # stack layers with lax.scan (compile time flat in depth); False = unrolled
     remat: bool = False  # recompute each layer's activations in the backward pass (saves memory)
     attention_implementation: str | None = None  # None (best available), "xla", "chunked" or "cudnn"
-    dtype: str = "float32"  # compute dtype; parameters stay float32
+    dtype: str = "float32"  # compute dtype; parameters stay float32 ("float64" needs jax_enable_x64)
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -88,10 +92,20 @@ class TransformerConfig:
         _check(self.positions in POSITIONS, "positions", f"must be one of {POSITIONS}, got {self.positions!r}")
         _check(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
         _check(
+            self.dtype != "float64" or jax.config.jax_enable_x64,
+            "dtype",
+            "'float64' needs 64-bit JAX: jax.config.update('jax_enable_x64', True) before building the config",
+        )
+        _check(
             self.attention_implementation in ATTENTION_IMPLEMENTATIONS,
             "attention_implementation",
             f"must be one of {ATTENTION_IMPLEMENTATIONS}, got {self.attention_implementation!r}",
         )
+
+    @property
+    def has_final_norm(self) -> bool:
+        """Whether each stack ends in a LayerNorm: ``final_norm``, or ``norm_first`` when that is None."""
+        return self.norm_first if self.final_norm is None else self.final_norm
 
     @property
     def resolved_head_dim(self) -> int:
@@ -135,3 +149,7 @@ def _check_type(name: str, value: Any, annotation: Any) -> None:
                 break
             return
     raise ConfigError(f"TransformerConfig.{name}: expected {' or '.join(kinds)}, got {value!r}")
+
+
+# No leaves, the whole config as auxiliary data: jit, vmap, grad and tree utilities treat it as static.
+jax.tree_util.register_static(TransformerConfig)

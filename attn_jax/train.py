@@ -48,9 +48,17 @@ def forward(params, batch: dict, *, model_config: ModelConfig, dropout_rng=None)
     if not isinstance(model_config, TransformerConfig):
         model = family(model_config)
         return model.apply(params, batch["inputs"], batch["targets_in"], config=model_config, dropout_rng=dropout_rng)
+    # Packed batches (several sequences per row) carry segment ids and restarting positions.
     if "inputs" in batch:
-        return transformer(params, batch["inputs"], batch["targets_in"], config=model_config, dropout_rng=dropout_rng)
-    return language_model(params, batch["targets_in"], config=model_config, dropout_rng=dropout_rng)
+        return transformer(
+            params, batch["inputs"], batch["targets_in"], config=model_config, dropout_rng=dropout_rng,
+            src_segment_ids=batch.get("inputs_segment_ids"), src_positions=batch.get("inputs_positions"),
+            tgt_segment_ids=batch.get("targets_segment_ids"), tgt_positions=batch.get("targets_positions"),
+        )  # fmt: skip
+    return language_model(
+        params, batch["targets_in"], config=model_config, dropout_rng=dropout_rng,
+        segment_ids=batch.get("targets_segment_ids"), positions=batch.get("targets_positions"),
+    )  # fmt: skip
 
 
 def _loss_sums(params, batch, *, model_config, label_smoothing, dropout_rng):

@@ -14,8 +14,10 @@ Parameters are plain nested dicts; the ``TypedDict`` schemas below name their ke
 tree is what the Flax layer exposes and what checkpoints save.
 """
 
-from typing import TypedDict
+from typing import Any, TypedDict
 
+import jax
+import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 __all__ = [
@@ -31,7 +33,39 @@ __all__ = [
     "EmbeddingParams",
     "EncoderBlockParams",
     "DecoderBlockParams",
+    "upcast_dtype",
+    "ensure_static",
 ]
+
+
+def upcast_dtype(dtype) -> jnp.dtype:
+    """``promote(float32, dtype)``: the dtype softmax, layer norm and logits are computed in.
+
+    Low-precision inputs (bfloat16, float16) are computed in float32; float64 stays float64 (with
+    ``jax_enable_x64``), so verification work in double precision is accurate to ~1e-12, not to float32.
+
+    Example:
+      >>> upcast_dtype(jnp.bfloat16)
+      dtype('float32')
+    """
+    return jnp.dtype(jnp.float64) if jnp.dtype(dtype) == jnp.float64 else jnp.dtype(jnp.float32)
+
+
+def ensure_static(function: str, **arguments: Any) -> None:
+    """Raises a one-line TypeError when an argument that selects code (not data) is a traced value.
+
+    ``jax.jit(f)(x, causal=True)`` traces ``causal`` into an array, and the first Python ``if`` on it would raise
+    a TracerBoolConversionError from deep inside the function; this names the argument and the fix instead.
+
+    Example:
+      >>> ensure_static("f", causal=True)  # a Python value passes
+    """
+    for name, value in arguments.items():
+        if isinstance(value, jax.core.Tracer):
+            raise TypeError(
+                f"{function}: `{name}` must be a static Python value, got a traced array; under jax.jit pass it "
+                f"through static_argnames=({name!r},) or close over it (functools.partial)"
+            )
 
 
 class _AttentionWeights(TypedDict):
