@@ -6,13 +6,13 @@
     .venv/bin/python -m attn_jax.bench decode --uncached-max-length 256
     .venv/bin/python -m attn_jax.bench compile --layers 6 12 24
     .venv/bin/python -m attn_jax.bench scaling --devices 1 2 4 8
-    .venv/bin/python -m attn_jax.bench pipeline --steps 40
+    .venv/bin/python -m attn_jax.bench pipeline --pairs 1000000
     .venv/bin/python -m attn_jax.bench accelerator --configs base big    # bf16 on a GPU/TPU: MFU, 100k steps
     .venv/bin/python -m attn_jax.bench train --quick --out /tmp/bench      # tiny sizes, seconds (tests)
 
 Each section writes ``<name>.json`` (machine, versions, command, timestamp, raw numbers, the issue's targets
 with pass/fail), ``<name>.md`` and PNG plots under ``--out``, and prints its targets. Estimated times on the
-2-core CPU (idle): attention ~10 min, train ~10, decode ~15, compile ~10, scaling ~10, pipeline ~3. ``all``
+2-core CPU (idle): attention ~10 min, train ~10, decode ~15, compile ~10, scaling ~10, pipeline ~5. ``all``
 adds ``accelerator`` when JAX's backend is a GPU or TPU. ``--quick`` shrinks every size to a toy one and
 compiles without LLVM optimisation: for tests of the suite, not results.
 """
@@ -50,8 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     compile_.add_argument("--no-cache", action="store_true", help="skip the persistent-cache measurement")
     scaling = sub.add_parser("scaling", parents=[common], help="throughput against devices, length, model size")
     scaling.add_argument("--devices", type=int, nargs="+", help="device counts (default 1 2 4 8)")
-    pipeline = sub.add_parser("pipeline", parents=[common], help="input pipeline stall")
-    pipeline.add_argument("--steps", type=int, help="timed training steps (default 40)")
+    pipeline = sub.add_parser("pipeline", parents=[common], help="preparation, tokens/s per core, workers, padding")
+    pipeline.add_argument("--pairs", type=int, help="pairs of the generated WMT-like corpus (default 1000000)")
+    pipeline.add_argument("--batches", type=int, help="batches timed per reading measurement (default 50)")
+    pipeline.add_argument("--no-ding", action="store_true", help="skip the Ding data (no fetch)")
     accelerator = sub.add_parser("accelerator", parents=[common], help="bf16 MFU and 100k-step time on a GPU/TPU")
     accelerator.add_argument("--configs", nargs="+", choices=("base", "big"), default=["base", "big"])
     accelerator.add_argument("--peak-tflops", type=float, help="the chip's dense bf16 peak (default: known chips)")
@@ -101,8 +103,9 @@ def run_section(section: str, args: argparse.Namespace, argv: Sequence[str], cei
         given = _given(devices=getattr(args, "devices", None), ceiling=ceiling)
         return scaling.run(**((sizes if quick else {}) | given | repeats | common))
     if section == "pipeline":
-        sizes = dict(size="quick", steps=3, num_examples=400, vocab_size=200, tokens_per_batch=256)
-        given = _given(steps=getattr(args, "steps", None))
+        sizes = dict(pairs=2000, tokenizer_pairs=500, vocab_size=300, batches=3, scaling_batches=3, ding=False)
+        given = _given(pairs=getattr(args, "pairs", None), batches=getattr(args, "batches", None))
+        given |= {"ding": False} if getattr(args, "no_ding", False) else {}
         return pipeline.run(**((sizes if quick else {}) | given | common))
     if section == "accelerator":
         configs = getattr(args, "configs", ("base", "big"))  # `all` has no --configs
