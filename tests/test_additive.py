@@ -1,4 +1,5 @@
-"""Tests for attn_jax.additive (Bahdanau et al. 2014) against a float64 NumPy reference and hand-worked cases.
+"""Tests for attn_jax.additive (Bahdanau et al. 2014; Luong et al. 2015's dot and general scores) against float64
+NumPy references and hand-worked cases.
 
 Sizes use a different prime per axis (B=2, T=5, S=7, Dq=3, Dk=11, Dv=13, A=17) so an axis swap fails.
 """
@@ -11,10 +12,18 @@ import numpy as np
 import pytest
 
 from attn_jax.additive import (
+    SCORES,
     additive_attention,
     additive_attention_projected,
+    align,
+    dot_attention,
+    general_attention,
     init_additive_attention,
+    init_alignment,
+    init_general_attention,
+    prepare_keys,
     project_keys,
+    project_keys_general,
 )
 
 B, T, S, DQ, DK, DV, A = 2, 5, 7, 3, 11, 13, 17
@@ -339,3 +348,116 @@ def test_projected_keys_of_the_wrong_width_are_rejected(without_runtime_typechec
     params, query, keys, values = _inputs(11)
     with pytest.raises(ValueError, match="must end in A=17"):
         additive_attention_projected(params, query, keys, values)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Luong et al. 2015: dot and general scores
+# ---------------------------------------------------------------------------------------------------------
+
+
+def reference_luong(query, keys, values, mask=None, w_a=None):
+    """e_ts = q_t . k_s (dot) or q_t W_a k_s (general), in float64, one score at a time; then softmax as above."""
+    q, k, v = (np.asarray(x, np.float64) for x in (query, keys, values))
+    w = None if w_a is None else np.asarray(w_a, np.float64)
+    scores = np.empty((q.shape[0], q.shape[1], k.shape[1]))
+    for b, t, s_ in np.ndindex(*scores.shape):
+        scores[b, t, s_] = q[b, t] @ k[b, s_] if w is None else q[b, t] @ w @ k[b, s_]
+    allowed = np.ones_like(scores, bool) if mask is None else np.broadcast_to(np.asarray(mask), scores.shape)
+    row_max = np.max(np.where(allowed, scores, -np.inf), axis=-1, keepdims=True)
+    unnormalised = np.where(allowed, np.exp(scores - np.where(np.isfinite(row_max), row_max, 0.0)), 0.0)
+    total = unnormalised.sum(axis=-1, keepdims=True)
+    weights = np.divide(unnormalised, total, out=np.zeros_like(unnormalised), where=total > 0)
+    return weights @ v, weights
+
+
+def test_dot_score_hand_worked():
+    # Keys e_1, e_2 and query (ln 3, 0): scores ln 3 and 0, so the weights are 3/4 and 1/4.
+    query = jnp.array([[[LN3, 0.0]]])
+    keys = jnp.array([[[1.0, 0.0], [0.0, 1.0]]])
+    context, weights = dot_attention(query, keys, jnp.array([[[4.0], [8.0]]]), return_weights=True)
+    np.testing.assert_allclose(np.asarray(weights), [[[0.75, 0.25]]], rtol=RTOL)
+    np.testing.assert_allclose(np.asarray(context), [[[5.0]]], rtol=RTOL)  # 3/4 * 4 + 1/4 * 8
+
+
+@pytest.mark.parametrize("mask_name", MASKS)
+def test_dot_attention_matches_numpy_reference(mask_name):
+    rng = np.random.default_rng(12)
+    query, keys, values = _normal(rng, (B, T, DQ)), _normal(rng, (B, S, DQ)), _normal(rng, (B, S, DV))
+    mask = _mask(mask_name)
+    context, weights = dot_attention(query, keys, values, mask=mask, return_weights=True)
+    ref_context, ref_weights = reference_luong(query, keys, values, mask)
+    np.testing.assert_allclose(np.asarray(weights), ref_weights, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(np.asarray(context), ref_context, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("mask_name", MASKS)
+def test_general_attention_matches_numpy_reference(mask_name):
+    rng = np.random.default_rng(13)
+    query, keys, values = _normal(rng, (B, T, DQ)), _normal(rng, (B, S, DK)), _normal(rng, (B, S, DV))
+    params = {"w_a": _normal(rng, (DQ, DK)) * 0.3}
+    mask = _mask(mask_name)
+    context, weights = general_attention(params, query, keys, values, mask=mask, return_weights=True)
+    ref_context, ref_weights = reference_luong(query, keys, values, mask, w_a=params["w_a"])
+    np.testing.assert_allclose(np.asarray(weights), ref_weights, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(np.asarray(context), ref_context, rtol=RTOL, atol=ATOL)
+
+
+def test_general_attention_gradients_match_finite_differences():
+    rng = np.random.default_rng(14)
+    query, keys, values = _normal(rng, (1, 2, 2)), _normal(rng, (1, 3, 3)), _normal(rng, (1, 3, 2))
+    w_a = _normal(rng, (2, 3)) * 0.5
+    mask = jnp.array([[[True, True, False], [True, True, True]]])
+    cotangent = rng.normal(size=(1, 2, 2))
+
+    def loss(w):
+        return jnp.sum(
+            general_attention({"w_a": w}, query, keys, values, mask=mask) * jnp.asarray(cotangent, jnp.float32)
+        )
+
+    analytic = np.asarray(jax.grad(loss)(w_a))
+    eps, numeric = 1e-6, np.zeros(w_a.shape)
+    for index in np.ndindex(*w_a.shape):
+        step = np.zeros(w_a.shape)
+        step[index] = eps
+        plus, minus = (
+            reference_luong(query, keys, values, mask, w_a=np.asarray(w_a, np.float64) + d)[0] for d in (step, -step)
+        )
+        numeric[index] = np.sum((plus - minus) * cotangent) / (2 * eps)
+    np.testing.assert_allclose(analytic, numeric, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("score", SCORES)
+def test_align_by_name_equals_the_named_function_step_by_step(score):
+    # What a recurrent decoder does: prepare the keys once, then one query per step.
+    rng = np.random.default_rng(15)
+    dk = DQ if score == "dot" else DK
+    query, keys, values = _normal(rng, (B, T, DQ)), _normal(rng, (B, S, dk)), _normal(rng, (B, S, DV))
+    params = init_alignment(jax.random.key(1), score, DQ, dk, A)
+    expected = {
+        "additive": lambda: additive_attention(params, query, keys, values, mask=KEY_PADDING),
+        "dot": lambda: dot_attention(query, keys, values, mask=KEY_PADDING),
+        "general": lambda: general_attention(params, query, keys, values, mask=KEY_PADDING),
+    }[score]()
+    prepared = prepare_keys(score, params, keys)
+    steps = [align(score, params, query[:, t : t + 1], prepared, values, mask=KEY_PADDING) for t in range(T)]
+    np.testing.assert_allclose(np.asarray(jnp.concatenate(steps, axis=1)), np.asarray(expected), rtol=RTOL, atol=ATOL)
+
+
+def test_init_alignment_parameters_and_errors():
+    assert sorted(init_alignment(jax.random.key(0), "additive", DQ, DK, A)) == ["b", "v", "w_k", "w_q"]
+    assert init_alignment(jax.random.key(0), "dot", DQ, DQ, A) == {}
+    w_a = np.asarray(init_general_attention(jax.random.key(0), DQ, DK)["w_a"])
+    assert w_a.shape == (DQ, DK) and np.abs(w_a).max() <= math.sqrt(6.0 / (DQ + DK))
+    np.testing.assert_array_equal(
+        np.asarray(project_keys_general({"w_a": jnp.asarray(w_a)}, jnp.ones((1, 2, DK)))),
+        np.broadcast_to(np.asarray(jnp.ones((1, 2, DK)) @ jnp.asarray(w_a).T), (1, 2, DQ)),
+    )
+    with pytest.raises(ValueError, match="dot score needs queries and keys of one width, got 3 and 11"):
+        init_alignment(jax.random.key(0), "dot", DQ, DK, A)
+    with pytest.raises(ValueError, match="unknown alignment score 'luong'"):
+        init_alignment(jax.random.key(0), "luong", DQ, DK, A)
+
+
+def test_dot_attention_rejects_mismatched_widths(without_runtime_typechecks):
+    with pytest.raises(ValueError, match="keys .* must have the query's width"):
+        dot_attention(jnp.ones((B, T, DQ)), jnp.ones((B, S, DK)), jnp.ones((B, S, DV)))
