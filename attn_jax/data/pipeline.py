@@ -23,9 +23,13 @@ Batches are planned for the global batch; host ``shard_index`` of ``shard_count`
 ``[shard_index * B, (shard_index + 1) * B)`` of each, so every host steps through the same shapes.
 """
 
+import ctypes
 import dataclasses
 import functools
 import math
+import os
+import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import Literal
@@ -39,6 +43,7 @@ from attn_jax.data.assembly import assemble
 from attn_jax.data.prepared import PreparedSplit
 
 Batch = dict[str, np.ndarray]
+_PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,7 +214,17 @@ class BatchIterator:
         options = grain.MultiprocessingOptions(
             num_workers=config.worker_count, per_worker_buffer_size=config.worker_buffer_size
         )
-        return dataset.mp_prefetch(options)
+        return dataset.mp_prefetch(options, worker_init_fn=functools.partial(_exit_with_parent, os.getpid()))
+
+
+def _exit_with_parent(parent: int, worker_index: int, worker_count: int) -> None:
+    """Runs first in each Grain worker: the worker dies with the training process, so a run killed with SIGKILL
+    (preemption) leaves no orphans blocked on a full queue."""
+    del worker_index, worker_count
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before prctl
+        os._exit(0)
 
 
 def train_batches(
