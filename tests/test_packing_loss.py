@@ -60,6 +60,3 @@ def test_packed_batch_gives_the_loss_and_gradients_of_its_pairs_alone(tmp_path):
     alone_loss, alone_grads = loss_and_grads(params, alone)
     np.testing.assert_allclose(float(packed_loss), float(alone_loss), rtol=1e-5)
     assert_trees_allclose(packed_grads, alone_grads, rtol=1e-4, atol=1e-5)
-    # Without its segment ids and positions the packed batch is a different (wrong) batch.
-    blind = {k: jnp.asarray(v) for k, v in packed.items() if k in ("inputs", "targets_in", "targets_out")}
-    assert abs(float(loss_and_grads(params, blind)[0]) - float(alone_loss)) > 1e-3 * abs(float(alone_loss))

@@ -134,15 +134,19 @@ def prepare(
         key = prepared_key(sources_lib.identity(data, split, len(source)), tokenizer_proto=proto,
                            examples_per_shard=per_shard)  # fmt: skip
         directory = root / f"{split}-{key}"
+        # Hosts share the work on the shared folder; a host writing into its own temp folder does all of it.
+        host, hosts_count = jax.process_index(), jax.process_count()
         if read_only and not _complete(directory, len(source), per_shard):
             directory = epath.Path(tempfile.gettempdir(), "attn_jax_prepared", f"{split}-{key}")
+            host, hosts_count = 0, 1
         encode_split(
             source, encoder, directory, vocab_size=vocab_size, examples_per_shard=per_shard,
-            workers=field(data, "prepare_workers") or os.cpu_count() or 1, process_index=jax.process_index(),
-            process_count=jax.process_count(),
+            workers=field(data, "prepare_workers") or os.cpu_count() or 1, process_index=host,
+            process_count=hosts_count,
         )  # fmt: skip
         hosts.barrier(f"prepared/{split}")  # every host has written its shards
         prepared[split] = load_split(directory, num_examples=len(source), examples_per_shard=per_shard)
+        log.info("%s: %d pairs prepared in %s", split, len(source), directory)
     return Prepared(sources=sources, tokenizer=tokenizer, vocab_size=vocab_size, splits=prepared)
 
 
