@@ -120,28 +120,32 @@ print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mib": own, "
 """
 
 
-def _run_stage(stage: str, pairs: int, *, vocab_size: int, tokenizer_pairs: int, workers: int, workdir: str) -> dict:
-    """Runs ``_STAGE`` in a fresh Python (so its peak RSS is its own) and returns its numbers."""
+def _start_stage(stage: str, pairs: int, *, vocab_size: int, tokenizer_pairs: int, workers: int, workdir: str):
+    """Starts ``_STAGE`` in a fresh Python, so that its peak RSS is its own."""
     arguments = [stage, pairs, vocab_size, tokenizer_pairs, workers, workdir]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    done = subprocess.run([sys.executable, "-c", _STAGE, *map(str, arguments)], capture_output=True, text=True,
-                          env=env, check=False)  # fmt: skip
-    if done.returncode != 0:
-        raise RuntimeError(f"{stage} stage failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return subprocess.Popen([sys.executable, "-c", _STAGE, *map(str, arguments)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+
+
+def _stage_result(process: subprocess.Popen) -> dict:
+    out, err = process.communicate()
+    if process.returncode != 0:
+        raise RuntimeError(f"preparation stage failed:\n{err[-3000:]}")
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def tokenizer_rss(pairs: tuple[int, int], *, vocab_size: int, tokenizer_pairs: int) -> list[dict]:
     """Peak RSS of tokenizer training on a ``tokenizer_pairs`` sample of corpora of each size in ``pairs``, each in
-    a fresh subprocess (only the sample is read, so the corpus size costs no time)."""
+    its own subprocess, side by side (only the sample is read, so the corpus size costs no time)."""
     with tempfile.TemporaryDirectory() as scratch:
-        return [
-            _run_stage(
+        started = [
+            _start_stage(
                 "tokenizer", n, vocab_size=vocab_size, tokenizer_pairs=tokenizer_pairs, workers=1, workdir=scratch
-            )
-            | {"pairs": n}
+            )  # fmt: skip
             for n in pairs
         ]
+        return [_stage_result(process) | {"pairs": n} for process, n in zip(started, pairs, strict=True)]
 
 
 def _directory_bytes(path: str) -> int:
@@ -228,8 +232,9 @@ def measure(*, pairs, tokenizer_pairs, vocab_size, batches, scaling_batches, din
     report: dict = {"pairs": pairs, "tokenizer_pairs": tokenizer_pairs, "vocab_size": vocab_size}
     workers = os.cpu_count() or 1
     with tempfile.TemporaryDirectory(prefix="attn_jax_bench_pipeline_") as workdir:
-        preparation = _run_stage("prepare", pairs, vocab_size=vocab_size, tokenizer_pairs=tokenizer_pairs,
-                                 workers=workers, workdir=workdir)  # fmt: skip
+        stage = _start_stage("prepare", pairs, vocab_size=vocab_size, tokenizer_pairs=tokenizer_pairs,
+                             workers=workers, workdir=workdir)  # fmt: skip
+        preparation = _stage_result(stage)
         (directory,) = [d for d in os.listdir(os.path.join(workdir, "prepared")) if d.startswith("train-")]
         directory = os.path.join(workdir, "prepared", directory)
         report["preparation"] = preparation | {"workers": workers, "output_mib": _directory_bytes(directory) / 2**20}
