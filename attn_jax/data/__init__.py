@@ -4,7 +4,8 @@ sources.split_sources          the data set's splits, random access (TFDS Ding /
   ▸ tokenizer                  one SentencePiece model, trained once on a bounded random sample
   ▸ prepared                   ids in ArrayRecord files + every pair's lengths, encoded once, in parallel
   ▸ pipeline                   Grain: shuffle ▸ pack (packing) or bucket (batching) ▸ batch ▸ shard,
-                               in threads or worker processes, with checkpointable state
+                               in threads or worker processes, with checkpointable state (assembly lays
+                               each batch's planned pairs out in arrays)
   = datasets.build_datasets    what the training loop reads (``prepare`` runs the first three stages)
 """
 
