@@ -11,7 +11,7 @@ On-disk layout, one directory per step, written by Orbax into a temporary direct
     <directory>/<step>/config/       JsonSave: experiment config
     <directory>/<step>/metadata/     JsonSave: whatever the caller records (see ``environment_metadata``)
     <directory>/<step>/metrics/      Orbax's own JSON, only when ``keep_best > 0``
-    <directory>/averaged/<step>/     ``save_averaged``: params averaged over the checkpoints up to <step>
+    <directory>/averaged/<step>/     ``save_averaged``: {"params", "step"} averaged over the checkpoints up to <step>
 
 Every process of a multi-host job must call ``save``/``restore``/``close`` together; Orbax does all writes
 and the cross-host synchronisation, this module writes no file itself.
@@ -30,12 +30,14 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import flags
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocp_managers
 
 logger = logging.getLogger(__name__)
 
 PyTree = Any
 _JSON_ITEMS = ("data_state", "config", "metadata")
+AVERAGED = "averaged"  # the subdirectory (and ``checkpoint=`` name) of averaged parameters
 _MAX_LISTED_MISMATCHES = 10
 
 
@@ -106,10 +108,13 @@ class _TolerantManager(ocp.CheckpointManager):
 
 
 class _QuietUnrankedSaves(logging.Filter):
-    """Drops Orbax's warning for a save without metrics: steps between evaluations have none by design."""
+    """Drops Orbax's warnings for what this module does by design: a save without metrics (steps between
+    evaluations have none) and a read-only directory (every reader opens one)."""
+
+    _EXPECTED = ("did not provide metrics", "is read only", "read_only=True, setting")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "did not provide metrics" not in record.getMessage()
+        return not any(text in record.getMessage() for text in self._EXPECTED)
 
 
 logging.getLogger("absl").addFilter(_QuietUnrankedSaves())
@@ -133,8 +138,8 @@ class Checkpointer:
     ``metrics[best_metric]`` (Orbax's ``AnyPreservationPolicy(LatestN, BestN)``); old steps are deleted only
     after a newer save has committed, so the newest good checkpoint is never removed. The
     ``<step>.orbax-checkpoint-tmp*`` directories that interrupted saves leave are never listed as steps and are
-    removed when a writable ``Checkpointer`` opens the directory (so open evaluators with ``read_only=True``
-    while a trainer is writing).
+    removed when a writable ``Checkpointer`` opens the directory (so evaluators open it with ``read_only=True``,
+    or read through ``read_params``, while a trainer is writing).
 
     Args:
       directory: root directory (local path or ``gs://...``); created if missing unless ``read_only``.
@@ -145,7 +150,8 @@ class Checkpointer:
       save_interval_steps: ``save`` writes only every this many steps unless ``force=True``.
       async_save: write in a background thread after copying the arrays to host (Orbax's
         ``AsyncCheckpointer``); the arrays may be donated once ``save`` returns. Call ``wait`` before reading.
-      read_only: never write or delete anything (evaluation, averaging).
+      read_only: never write, create or delete anything (evaluation, translation, averaging). A read-only
+        ``restore`` may name any part of the saved state (e.g. only ``{"params": ...}``): the rest is not read.
 
     Example:
       >>> import tempfile
@@ -208,7 +214,10 @@ class Checkpointer:
             read_only=read_only,
             create=not read_only,
         )
-        handlers = {"state": ocp.StandardCheckpointHandler()}
+        self._read_only = read_only
+        # A reader restores a subset of the state (PyTreeRestore's partial restore); StandardSave's files are
+        # PyTree checkpoints, so either handler reads them.
+        handlers = {"state": ocp.PyTreeCheckpointHandler() if read_only else ocp.StandardCheckpointHandler()}
         handlers.update({name: ocp.JsonCheckpointHandler() for name in _JSON_ITEMS})
         self._manager = _TolerantManager(
             self.directory, options=options, item_names=tuple(handlers), item_handlers=handlers
@@ -300,6 +309,11 @@ class Checkpointer:
         tried = "; ".join(failures) or "no checkpoints found"
         raise CheckpointError(f"no restorable checkpoint in {self.directory} ({tried})")
 
+    def reached_preemption(self, step: int) -> bool:
+        """Whether every process has reached the step at which to save after a SIGTERM on any of them (JAX's
+        preemption sync through the coordination service; always False on one process). Call it every step."""
+        return self._manager.reached_preemption(step)
+
     def latest_step(self) -> int | None:
         """Returns the newest committed (or in-flight async) step, or None for an empty directory."""
         return self._manager.latest_step()
@@ -320,11 +334,18 @@ class Checkpointer:
         saved = self._manager.item_metadata(step)["state"]
         if saved is None:
             raise FileNotFoundError(f"state metadata of step {step} is missing")
-        _check_shapes(getattr(saved, "tree", saved), target, where=f"step {step} in {self.directory}")
+        where = f"step {step} in {self.directory}"
+        _check_shapes(getattr(saved, "tree", saved), target, where=where, partial=self._read_only)
         json_args = {name: ocp.args.JsonRestore() for name in _JSON_ITEMS}
-        items = self._manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_placed(target)), **json_args)
-        )
+        target = _placed(target)
+        if self._read_only:
+            restore_args = jax.tree.map(
+                lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, global_shape=t.shape, dtype=t.dtype), target
+            )
+            state = ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
+        else:
+            state = ocp.args.StandardRestore(target)
+        items = self._manager.restore(step, args=ocp.args.Composite(state=state, **json_args))
         return Restored(step=step, state=items["state"], **{name: items[name] for name in _JSON_ITEMS})
 
     def _discard_corrupt_steps(self, *, from_step: int) -> None:
@@ -353,62 +374,88 @@ def _placed(target: PyTree) -> PyTree:
     return jax.tree.map(place, target)
 
 
-def average_checkpoints(directory, target: PyTree, *, last: int) -> tuple[PyTree, list[int]]:
-    """Averages ``params`` over the newest ``last`` readable checkpoints (paper §6.1: 5 for base, 20 for big).
+def average_checkpoints(directory, params_target: PyTree, *, last: int) -> tuple[PyTree, list[int]]:
+    """Averages the parameters of the newest ``last`` readable checkpoints (paper §6.1: 5 for base, 20 for big).
 
-    Only floating-point leaves of ``state["params"]`` are averaged, accumulating in float32 and casting back;
-    every other item (``opt_state``, ``step``, ``rng``) is the newest checkpoint's. Unreadable steps are skipped
-    with a warning. One checkpoint is held in memory at a time besides the running sum. Retention must keep
-    enough steps: ``max_to_keep >= last``.
+    Only the parameters are read, read-only; floating-point leaves are accumulated in float32 and cast back,
+    others are the newest checkpoint's. Unreadable steps are skipped with a warning. One checkpoint is held in
+    memory at a time besides the running sum. Retention must keep enough steps: ``max_to_keep >= last``.
 
     Args:
-      directory: the ``Checkpointer`` directory; opened read-only.
-      target: abstract state as for ``Checkpointer.restore``; must have a ``"params"`` entry.
+      directory: the ``Checkpointer`` directory.
+      params_target: abstract parameters as for ``Checkpointer.restore``.
       last: how many of the newest checkpoints to average.
 
     Returns:
-      ``(state, steps)``: the newest state with averaged params, and the steps used in increasing order.
+      ``(params, steps)``: the averaged parameters, and the steps used in increasing order.
 
     Raises:
       CheckpointError: no checkpoint is readable.
       CheckpointMismatchError: as for ``Checkpointer.restore``.
     """
-    _, state, steps = _average(directory, target, last=last)
-    return state, steps
+    _, params, steps = _average(directory, params_target, last=last)
+    return params, steps
 
 
-def save_averaged(directory, target: PyTree, *, last: int, max_to_keep: int = 3) -> list[int]:
-    """Averages the newest ``last`` checkpoints and writes the result to ``<directory>/averaged/<step>``.
+def save_averaged(directory, params_target: PyTree, *, last: int, max_to_keep: int = 3) -> list[int]:
+    """Averages the newest ``last`` checkpoints and writes ``{"params", "step"}`` to ``<directory>/averaged/<step>``.
 
     The averaged checkpoint lives in its own subdirectory, under the newest averaged step, so the training
-    run's ``latest_step``, retention and resumption never see it; restore it with
-    ``Checkpointer(os.path.join(directory, "averaged")).restore(target)``. Its metadata gains
-    ``"averaged_steps"``; ``data_state`` and ``config`` are the newest checkpoint's. Rewrites an existing
-    averaged checkpoint at the same step.
+    run's ``latest_step``, retention and resumption never see it; read it with ``read_params(directory,
+    target, checkpoint="averaged")``. Its metadata gains ``"averaged_steps"``; ``config`` is the newest
+    checkpoint's. Rewrites an existing averaged checkpoint at the same step. Nothing else in ``directory`` is
+    written, created or deleted.
 
     Args:
       directory: the training run's checkpoint directory.
-      target: abstract state as for ``Checkpointer.restore``.
+      params_target: abstract parameters as for ``Checkpointer.restore``.
       last: how many of the newest checkpoints to average.
       max_to_keep: how many averaged checkpoints to keep.
 
     Returns:
       The steps averaged, in increasing order; the checkpoint is written under the last of them.
     """
-    newest, state, steps = _average(directory, target, last=last)
+    newest, params, steps = _average(directory, params_target, last=last)
     metadata = {**newest.metadata, "averaged_steps": steps}
-    with Checkpointer(_join(directory, "averaged"), max_to_keep=max_to_keep, async_save=False) as averaged:
+    state = {"params": params, "step": jnp.asarray(newest.step, jnp.int32)}
+    with Checkpointer(_join(directory, AVERAGED), max_to_keep=max_to_keep, async_save=False) as averaged:
         if newest.step in averaged.all_steps():
             averaged._manager.delete(newest.step)
-        averaged.save(
-            newest.step, state, data_state=newest.data_state, config=newest.config, metadata=metadata, force=True
-        )
+        averaged.save(newest.step, state, config=newest.config, metadata=metadata, force=True)
     return steps
 
 
-def _average(directory, target: PyTree, *, last: int) -> tuple[Restored, PyTree, list[int]]:
+def read_params(directory, params_target: PyTree, *, checkpoint: str | int = "latest") -> Restored:
+    """Reads only the parameters of one checkpoint, read-only (evaluators next to a running trainer).
+
+    Args:
+      directory: the training run's checkpoint directory.
+      params_target: abstract parameters (``jax.ShapeDtypeStruct`` leaves, with shardings where wanted).
+      checkpoint: ``"latest"`` (the newest readable step, falling back past unreadable ones), ``"averaged"``
+        (the newest checkpoint ``save_averaged`` wrote) or a step number.
+
+    Returns:
+      A ``Restored`` whose ``state`` is ``{"params": ...}``.
+
+    Raises:
+      CheckpointError: the directory or the step does not exist, or nothing is readable.
+      CheckpointMismatchError: ``params_target`` does not match the checkpoint's parameters.
+    """
+    directory = _absolute(directory)
+    if checkpoint == AVERAGED:
+        directory = directory / AVERAGED
+    if not directory.is_dir():
+        hint = ": run `attn-jax average` first" if checkpoint == AVERAGED else ": train first"
+        raise CheckpointError(f"no checkpoints in {directory}{hint}")
+    step = None if checkpoint in ("latest", AVERAGED) else int(checkpoint)
+    with Checkpointer(directory, read_only=True) as reader:
+        return reader.restore({"params": params_target}, step=step)
+
+
+def _average(directory, params_target: PyTree, *, last: int) -> tuple[Restored, PyTree, list[int]]:
     if last < 1:
         raise ValueError(f"last must be at least 1, got {last}")
+    target = {"params": params_target}
     with Checkpointer(directory, read_only=True) as checkpointer:
         newest, total, steps = None, None, []
         for step in sorted(checkpointer.all_steps(), reverse=True):
@@ -428,7 +475,7 @@ def _average(directory, target: PyTree, *, last: int) -> tuple[Restored, PyTree,
     if len(steps) < last:
         logger.warning("averaging %d checkpoints (steps %s) instead of %d in %s", len(steps), steps, last, directory)
     averaged = jax.tree.map(lambda s, p: _mean(s, p, len(steps)), total, newest.state["params"])
-    return newest, {**newest.state, "params": averaged}, sorted(steps)
+    return newest, averaged, sorted(steps)
 
 
 def _is_float(x) -> bool:
@@ -445,8 +492,9 @@ def _mean(total, newest, count: int):
     return (total / count).astype(newest.dtype) if _is_float(newest) else newest
 
 
-def _check_shapes(saved: PyTree, target: PyTree, *, where: str) -> None:
-    """Raises ``CheckpointMismatchError`` listing every path whose shape differs or that only one side has."""
+def _check_shapes(saved: PyTree, target: PyTree, *, where: str, partial: bool = False) -> None:
+    """Raises ``CheckpointMismatchError`` listing every path whose shape differs or that only one side has
+    (``partial``: only the target's paths are compared, the checkpoint may hold more)."""
 
     def shapes(tree) -> dict:
         leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))
@@ -461,8 +509,10 @@ def _check_shapes(saved: PyTree, target: PyTree, *, where: str) -> None:
             problems.append(f"{name}: not in the checkpoint (target {shape})")
         elif saved_shapes[key][1] != shape:
             problems.append(f"{name}: checkpoint {saved_shapes[key][1]} vs target {shape}")
+    # A partial target names whole top-level items (e.g. "params"); within those, both sides must agree.
+    compared = {key[:1] for key in target_shapes} if partial else None
     for key, (name, shape) in saved_shapes.items():
-        if key not in target_shapes:
+        if key not in target_shapes and (compared is None or key[:1] in compared):
             problems.append(f"{name}: only in the checkpoint {shape}")
     if problems:
         listed = "\n  ".join(problems[:_MAX_LISTED_MISMATCHES])
@@ -494,11 +544,15 @@ def _describe(error: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _absolute(directory) -> str:
-    # Orbax wants absolute paths; leave remote URLs (gs://...) untouched.
-    directory = os.fspath(directory)
-    return directory if "://" in directory else os.path.abspath(directory)
+def _absolute(directory) -> epath.Path:
+    """Orbax wants absolute paths; a URL (``gs://...``) stays a URL (``epath`` keeps its scheme)."""
+    directory = epath.Path(directory)
+    return directory if _is_url(directory) else epath.Path(os.path.abspath(directory))
 
 
-def _join(directory, name: str) -> str:
-    return _absolute(directory).rstrip("/") + "/" + name
+def _is_url(path) -> bool:
+    return "://" in os.fspath(path)
+
+
+def _join(directory, name: str) -> epath.Path:
+    return _absolute(directory) / name

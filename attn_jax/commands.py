@@ -1,60 +1,130 @@
-"""The bodies of the ``attn-jax`` subcommands (``main.py`` only parses arguments)."""
+"""The bodies of the ``attn-jax`` subcommands (``main.py`` only parses arguments).
 
+``train`` and ``prepare`` take an experiment file; ``eval``, ``translate`` and ``average`` read a run's workdir
+(``attn_jax.runs``): its own resolved config, tokenizer and checkpoints, read-only.
+"""
+
+import contextlib
+import functools
 import json
-import pathlib
+import queue
 import sys
+import threading
+from collections.abc import Iterable, Iterator
 
-import ml_collections
+import jax
 import numpy as np
 
 from attn_jax import checkpoint as ckpt_lib
 from attn_jax import config as config_lib
-from attn_jax import loop, parallel
-from attn_jax.data.tokenizer import decode, encode
-from attn_jax.evaluate import translate_ids
+from attn_jax import loop, parallel, runs
+from attn_jax.data.tokenizer import EOS_ID, decode, encode
+from attn_jax.evaluate import evaluate_loss, translate_ids, translation_quality
+from attn_jax.model_config import ConfigError
+from attn_jax.train import eval_step
 
 
 def run(args, overrides: list[str]) -> int:
-    if args.command == "train":
-        config = config_lib.load_experiment(args.config, overrides)
+    if args.command in ("train", "prepare"):
+        config = config_lib.with_absolute_paths(config_lib.load_experiment(args.config, overrides))
         parallel.initialize_distributed(config.parallel)
-        loop.train_and_evaluate(config, args.workdir)
+        if args.command == "train":
+            loop.train_and_evaluate(config, args.workdir)
+        else:
+            from attn_jax.data import prepare
+
+            prepare(config, args.workdir)
     elif args.command == "eval":
-        config = config_lib.load_experiment(args.config, overrides)
-        print(json.dumps(loop.evaluate_checkpoint(config, args.workdir), indent=2, default=float))
+        model = runs.load_model(args.workdir, _reader_config(args, overrides), checkpoint=args.checkpoint)
+        with contextlib.redirect_stdout(sys.stderr):  # stdout is the JSON alone, whatever a library prints
+            results = evaluate(model, args.workdir)
+        print(json.dumps(results, indent=2, default=float))
     elif args.command == "translate":
-        lines = args.text or [line.rstrip("\n") for line in sys.stdin]
-        for line in translate(args.workdir, lines):
-            print(line, flush=True)
+        model = runs.load_model(args.workdir, _reader_config(args, overrides), checkpoint=args.checkpoint)
+        if model.tokenizer is None:
+            raise ConfigError(f"{args.workdir} is a {model.config.data.name!r} run on token ids: translate needs "
+                              "a text model with a tokenizer")  # fmt: skip
+        lines = args.text or _stdin_lines()
+        for output in translate_stream(model, lines, batch_size=model.config.eval.batch_size):
+            print(output, flush=True)
     elif args.command == "average":
-        steps = ckpt_lib.save_averaged(*_average_target(args.workdir), last=args.last)
+        config = runs.read_config(args.workdir)
+        _, target = runs.abstract_params(config)
+        steps = ckpt_lib.save_averaged(f"{args.workdir}/checkpoints", target, last=args.last)
         print(f"averaged the parameters of steps {steps}")
     return 0
 
 
-def saved_config(workdir: str) -> ml_collections.ConfigDict:
-    """The resolved config a ``train`` run wrote into its workdir."""
-    path = pathlib.Path(workdir) / "config.json"
-    if not path.is_file():
-        raise config_lib.ConfigError(f"{path} not found: is {workdir!r} the workdir of a training run?")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+def _reader_config(args, overrides):
+    return runs.read_config(args.workdir, overrides, experiment=args.config)
 
 
-def translate(workdir: str, sentences: list[str]) -> list[str]:
-    """Translates raw sentences with the newest checkpoint in ``workdir`` (beam search as configured)."""
-    config = saved_config(workdir)
-    model_config, params, datasets = loop.restore_params(config, workdir)
-    tokenizer = datasets.tokenizer
-    sources = [np.append(encode(tokenizer, s)[: model_config.max_len - 1], 1).astype(np.int32) for s in sentences]
+def evaluate(model: runs.Model, workdir) -> dict:
+    """Validation loss, accuracy and perplexity, and validation and test BLEU (exact match for the copy task)."""
+    from attn_jax.data.datasets import build_eval_datasets
+
+    config = model.config
+    data = build_eval_datasets(config, workdir, tokenizer=model.tokenizer)
+    evaluate_batch = jax.jit(functools.partial(eval_step, model_config=model.model_config))
+    decoding = {name: config.eval[name] for name in ("beam_size", "alpha", "extra_length")}
+    results = {"step": model.step, "decoding": decoding}
+    results["validation"] = evaluate_loss(evaluate_batch, model.params, data.eval_batches())
+    if config.task == "translation":
+        for split, pairs in (("validation", data.validation_pairs), ("test", data.test_pairs)):
+            quality, _ = translation_quality(
+                model.params, pairs, model.tokenizer, model_config=model.model_config, eval_config=config.eval
+            )
+            results.setdefault(split, {}).update(quality)
+    return results
+
+
+def translate_stream(model: runs.Model, lines: Iterable[str], *, batch_size: int) -> Iterator[str]:
+    """Translates ``lines`` as they arrive, in order: each batch takes the lines already waiting (at most
+    ``batch_size``), as fairseq-interactive does, so a line typed at a terminal is translated at once.
+
+    ``lines`` may block between items (``_stdin_lines``); a ``None`` item means "nothing more is waiting".
+    """
+    pending: list[str] = []
+    for line in lines:
+        if line is not None:
+            pending.append(line)
+        if pending and (line is None or len(pending) == batch_size):
+            yield from translate_sentences(model, pending)
+            pending = []
+    if pending:
+        yield from translate_sentences(model, pending)
+
+
+def translate_sentences(model: runs.Model, sentences: list[str]) -> list[str]:
+    """Beam-searches raw sentences with ``model`` (beam, length penalty and output budget from its config)."""
+    limit = model.model_config.max_len - 1
+    sources = [np.append(encode(model.tokenizer, s)[:limit], EOS_ID).astype(np.int32) for s in sentences]
+    eval_config = model.config.eval
+    # Batches padded to a power of two: a handful of compiled shapes whatever the stream's rhythm.
+    batch_size = min(eval_config.batch_size, 1 << (len(sources) - 1).bit_length())
     outputs = translate_ids(
-        params, sources, model_config=model_config,
-        beam_size=config.eval.beam_size, alpha=config.eval.alpha, extra_length=config.eval.extra_length,
-        batch_size=min(config.eval.batch_size, max(len(sources), 1)),
+        model.params, sources, model_config=model.model_config, beam_size=eval_config.beam_size,
+        alpha=eval_config.alpha, extra_length=eval_config.extra_length, batch_size=batch_size,
     )  # fmt: skip
-    return [decode(tokenizer, ids) for ids in outputs]
+    return [decode(model.tokenizer, ids) for ids in outputs]
 
 
-def _average_target(workdir: str):
-    config = saved_config(workdir)
-    _, target, _ = loop.abstract_checkpoint(config, workdir)
-    return pathlib.Path(workdir) / "checkpoints", target
+def _stdin_lines() -> Iterator[str | None]:
+    """Lines of stdin without their newline; ``None`` whenever no further line is waiting."""
+    lines: queue.Queue = queue.Queue()
+
+    def read():
+        for line in sys.stdin:
+            lines.put(line.rstrip("\n"))
+        lines.put(EOFError)
+
+    threading.Thread(target=read, daemon=True).start()
+    while True:
+        try:
+            line = lines.get_nowait()
+        except queue.Empty:
+            yield None  # translate what is waiting, then block for the next line
+            line = lines.get()
+        if line is EOFError:
+            return
+        yield line

@@ -21,7 +21,10 @@ from attn_jax.model_config import ConfigError, TransformerConfig
 from attn_jax.rnn_encdec import RNNEncDecConfig
 from attn_jax.rnnsearch import RNNSearchConfig
 
-__all__ = ["ConfigError", "load_experiment", "apply_overrides", "parse_arg", "model_config", "flatten"]
+__all__ = ["ConfigError", "load_experiment", "validated", "apply_overrides", "parse_arg", "model_config", "flatten"]
+
+# Set by ``parse_arg``: an experiment that never parses its argument must not silently ignore one.
+_parsed_arg = False
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
@@ -33,6 +36,8 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
       >>> dict(parse_arg("size=big,runlocal", size="base", runlocal=False, steps=10))
       {'runlocal': True, 'size': 'big', 'steps': 10}
     """
+    global _parsed_arg
+    _parsed_arg = True
     result = ml_collections.ConfigDict(defaults)
     for item in filter(None, (arg or "").split(",")):
         name, has_value, text = item.partition("=")
@@ -65,7 +70,20 @@ def load_experiment(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> m
     module_spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"experiment file {path_text!r} defines no get_config(arg)")
+    global _parsed_arg
+    _parsed_arg = False
     config = module.get_config(arg or None)
+    if arg and not _parsed_arg:
+        raise ConfigError(f"experiment {path_text!r} takes no argument, got {arg!r}")
+    return validated(config, overrides)
+
+
+def validated(config: ml_collections.ConfigDict, overrides=()) -> ml_collections.ConfigDict:
+    """Locks ``config``, applies ``overrides`` and checks every field (the model's included); returns it.
+
+    Raises:
+      ConfigError: naming the first unknown key, wrongly typed or out-of-range value.
+    """
     config.lock()
     apply_overrides(config, overrides)
     check_values(config)
@@ -96,6 +114,7 @@ def _one_of(*choices: str):
 _VALUE_RULES = {
     "seed": _integer(0),
     "task": _one_of("translation", "lm"),
+    "data.name": _one_of("ding_en_de", "wmt14_translate/de-en", "copy"),
     "train.steps": _integer(1),
     "train.warmup_steps": _integer(1),
     "train.learning_rate_scale": _number(0.0, open_low=True, open_high=True),
@@ -153,12 +172,39 @@ def check_values(config: ml_collections.ConfigDict) -> None:
         size = values.get(f"parallel.{axis}")
         if size is not None and (not isinstance(size, int) or size == 0 or size < -1):
             raise ConfigError(f"config.parallel.{axis}: expected a positive mesh size or -1, got {size!r}")
+    profile = values.get("train.profile_steps", ())
+    if profile and not (
+        len(profile) == 2 and all(isinstance(s, int) and not isinstance(s, bool) for s in profile)
+        and 0 <= profile[0] < profile[1]
+    ):  # fmt: skip
+        raise ConfigError(
+            f"config.train.profile_steps: expected () or (start, stop) with 0 <= start < stop, got {profile!r}"
+        )
     data = config.get("data")
     if data is not None and data.get("tokens_per_batch", 0) < data.get("max_length", 0):
         raise ConfigError(
             f"config.data.tokens_per_batch ({data.tokens_per_batch}) must hold at least one sequence of "
             f"config.data.max_length ({data.max_length}) tokens"
         )
+
+
+_PATH_FIELDS = ("data.data_dir", "data.ding_file")
+
+
+def with_absolute_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``config`` with its data folder resolved (``data.data_dir``: the default is ``$TFDS_DATA_DIR``, else a
+    folder under the working directory) and relative local data paths made absolute (URLs kept), so the run's
+    saved config finds the same data from any working directory (``attn-jax eval`` started elsewhere)."""
+    if config.get("data") is not None and config.data.name != "copy":
+        from attn_jax.data.sources import data_dir
+
+        config.data.data_dir = data_dir(config.data)
+    for key in _PATH_FIELDS:
+        section, name = key.split(".")
+        value = config.get(section, {}).get(name)
+        if isinstance(value, str) and value and "://" not in value:
+            config[section][name] = str(pathlib.Path(value).absolute())
+    return config
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides) -> None:
@@ -321,3 +367,41 @@ def _recurrent_config(config, family: str, values: dict, rnn) -> ModelConfig:
         for field, key in _RECURRENT_KEYS.items():
             message = message.replace(f"{cls.__name__}.{field}:", f"config.{key}:")
         raise ConfigError(message.replace(f"{cls.__name__}.", "config.model.")) from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What `attn-jax train --help` lists
+# ---------------------------------------------------------------------------------------------------------
+
+EXPERIMENTS_DIR = pathlib.Path(__file__).resolve().parents[1] / "experiments"
+# The ConfigDict variables of attn_jax/defaults.py and the config section each fills.
+_DEFAULTS_SECTIONS = {"c": "", "model": "model.", "data": "data.", "copy": "data.copy."}
+
+
+def experiments(directory: pathlib.Path = EXPERIMENTS_DIR) -> list[tuple[str, str]]:
+    """``(path, first line of its docstring)`` of every experiment file in ``directory``."""
+    found = []
+    for path in sorted(directory.glob("*.py")):
+        docstring = ast.get_docstring(ast.parse(path.read_text())) or ""
+        found.append((f"experiments/{path.name}", docstring.split("\n")[0]))
+    return found
+
+
+def documented_fields() -> list[tuple[str, Any, str]]:
+    """``(dotted key, default, comment)`` for every field of ``attn_jax/defaults.py``, comments read from its
+    source (each field there carries a one-line comment)."""
+    from attn_jax import defaults
+
+    config = defaults.base_config()
+    config.model = defaults.model_config()
+    config.data = defaults.data_config()
+    config.data.copy = defaults.copy_task_config()
+    values = flatten(config)
+    comments = {}
+    for line in pathlib.Path(defaults.__file__).read_text().splitlines():
+        assignment, _, comment = line.strip().partition("  # ")
+        target = assignment.split(" = ")[0]
+        variable, _, name = target.partition(".")
+        if comment and variable in _DEFAULTS_SECTIONS and " = " in assignment:
+            comments[_DEFAULTS_SECTIONS[variable] + name] = comment
+    return [(key, value, comments.get(key, "")) for key, value in values.items()]

@@ -23,7 +23,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.label_smoothing = 0.1  # epsilon_ls (paper §5.4)
     c.train.grad_clip_norm = 0.0  # clip the global gradient norm; 0 = off (paper)
     c.train.weight_decay = 0.0  # decoupled weight decay; 0 = plain Adam (paper)
-    c.train.accumulation_steps = 1  # micro-batches per update (optax.MultiSteps)
+    c.train.accumulation_steps = 1  # micro-batches per update; steps, schedule and checkpoints count updates
     c.train.log_every = 50  # steps between metric fetches (the host never waits on the device in between)
     c.train.eval_every = 1000  # steps between validation loss + BLEU
     c.train.checkpoint_every = 1000  # steps between checkpoints (always one at the end)
@@ -32,6 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.nonfinite = "raise"  # on a NaN/Inf loss or gradient: "raise" (stop, name the step) or "skip"
     c.train.max_consecutive_skips = 10  # with "skip": stop after this many non-finite steps in a row
     c.train.time_budget_minutes = 0.0  # stop (and checkpoint) after this long; 0 = no limit
+    c.train.profile_steps = ()  # (start, stop): jax.profiler trace of updates start+1..stop into DIR/profile
 
     c.eval = ml_collections.ConfigDict()
     c.eval.beam_size = 4  # paper: 4

@@ -1,16 +1,17 @@
 """``train_and_evaluate``: the loop that turns an experiment config into a trained, checkpointed model.
 
 Set-up (mesh, data, model, optimiser), then either a fresh sharded initialisation or a restore of the newest
-good checkpoint with the data iterator's position, then steps. The host fetches metrics every ``log_every``
-steps only, evaluates every ``eval_every`` and checkpoints every ``checkpoint_every`` steps, on SIGTERM and at
-the end. Only process 0 writes logs and plots.
+good checkpoint with the data iterator's position, then optimiser updates (``train.steps`` counts updates, each
+of ``train.accumulation_steps`` micro-batches). The host fetches metrics every ``log_every`` updates only,
+evaluates every ``eval_every`` and checkpoints every ``checkpoint_every`` updates, on SIGTERM, at the time budget
+and at the end. Only process 0 writes logs and plots. The workdir may be a URL (``gs://bucket/run``): every
+path is an ``etils.epath.Path``.
 """
 
 import dataclasses
 import functools
 import json
 import logging
-import pathlib
 import signal
 import time
 from collections.abc import Callable
@@ -19,17 +20,27 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from attn_jax import checkpoint as ckpt_lib
 from attn_jax import config as config_lib
-from attn_jax import parallel
+from attn_jax import hosts, parallel
 from attn_jax.data.datasets import build_datasets
 from attn_jax.evaluate import evaluate_loss, translation_quality
 from attn_jax.metrics import MetricsWriter, ProgressBar
 from attn_jax.optim import make_optimizer, rsqrt_warmup_schedule
 from attn_jax.report import final_report
-from attn_jax.train import TrainState, eval_step, init_train_state, train_step
+from attn_jax.train import (
+    TrainState,
+    accumulate_gradients,
+    apply_gradients,
+    eval_step,
+    init_train_state,
+    start_accumulation,
+    train_step,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +51,11 @@ class NonFiniteError(FloatingPointError):
 
 @dataclasses.dataclass
 class Steps:
-    """The compiled steps for one parallel strategy and how to move state and batches onto the devices."""
+    """The compiled steps for one parallel strategy and how to move state and batches onto the devices.
+
+    ``train(state, batch, rng)`` makes one optimiser update from one batch, or from a list of micro-batches
+    (gradient accumulation); put the batch (or the list) with ``put_batch`` first.
+    """
 
     train: Callable
     evaluate: Callable
@@ -50,12 +65,14 @@ class Steps:
     mesh: Mesh | None = None  # what decoding shards its batch over (None: pmap's state is per device)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains ``config`` in ``workdir``, resuming from its newest good checkpoint; returns the final metrics.
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
+    """Trains ``config`` in ``workdir`` (a local path or a URL), resuming from its newest good checkpoint;
+    returns the final metrics.
 
-    On SIGTERM it checkpoints at the next step boundary and returns ``{}`` without the final evaluation.
+    On SIGTERM (on any process) it checkpoints at the next step boundary and returns ``{}`` without the final
+    evaluation.
     """
-    workdir = pathlib.Path(workdir)
+    workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     chief = jax.process_index() == 0
 
@@ -74,7 +91,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     steps = compile_steps(config, model_config, tx, mesh)
     writer = MetricsWriter(workdir)
     checkpointer = _checkpointer(config, workdir, datasets)
-    stop = _StopSignal()
+    stopping = _StopDecision(config.train, checkpointer)
     try:  # a run that dies still closes its metrics and lets pending checkpoint saves commit
         init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
         state, dropout_rng = _restore_or_init(
@@ -82,9 +99,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         )
         device_state, step = _train(
             config, model_config, steps, steps.put_state(state), dropout_rng, datasets, schedule, writer,
-            checkpointer, stop, workdir,
+            checkpointer, stopping, workdir,
         )  # fmt: skip
-        if stop.requested:  # preempted: the checkpoint is saved; evaluating now could outlast the grace period
+        if stopping.preempted:  # the checkpoint is saved; evaluating now could outlast the grace period
             log.warning("SIGTERM: checkpointed step %d and stopped; rerun the same command to resume", step)
             return {}
         if step < config.train.steps:
@@ -98,13 +115,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     finally:
         writer.close()
         checkpointer.close()
-        stop.restore()
+        stopping.close()
 
 
 def _train(
-    config, model_config, steps, device_state, dropout_rng, datasets, schedule, writer, checkpointer, stop, workdir
+    config, model_config, steps, device_state, dropout_rng, datasets, schedule, writer, checkpointer, stopping, workdir
 ):
-    """Steps until ``config.train.steps``, a signal or the time budget; returns ``(device_state, step)``."""
+    """Updates until ``config.train.steps``, a signal or the time budget; returns ``(device_state, step)``."""
+    train_config = config.train
     step = int(jax.device_get(steps.get_state(device_state).step))
     metadata = _run_metadata(datasets)
 
@@ -115,43 +133,122 @@ def _train(
             metadata=metadata, metrics=metrics, force=force,
         )  # fmt: skip
 
-    total = config.train.steps
-    budget = config.train.time_budget_minutes
-    deadline = time.monotonic() + 60 * budget if budget else None
-    bar = ProgressBar(total, initial_step=step, enabled=jax.process_index() == 0, deadline=deadline)
-    pending: list[tuple[int, dict, dict]] = []  # (step, device metrics, host batch) since the last fetch
-    tokens_since, time_since = 0, time.perf_counter()
+    total = train_config.steps
+    bar = ProgressBar(total, initial_step=step, budget=stopping.budget_seconds, started=stopping.started)
+    pending: list[tuple[int, dict, list]] = []  # (step, device metrics, host micro-batches) since the last fetch
+    throughput = _Throughput()
+    clock = _EvalClock()
+    profile = _Profile(train_config.profile_steps, workdir)
     skips = 0
     while step < total:
-        batch = next(datasets.train)
-        device_state, metrics = steps.train(device_state, steps.put_batch(batch), dropout_rng)
+        profile.maybe_start(step)
+        batches = [next(datasets.train) for _ in range(train_config.accumulation_steps)]
+        device_state, metrics = steps.train(device_state, steps.put_batch(_one_or_list(batches)), dropout_rng)
         step += 1
-        tokens_since += int(np.count_nonzero(batch["targets_out"]))
-        pending.append((step, metrics, batch))
-        last = step == total or stop.requested or (deadline is not None and time.monotonic() > deadline)
-        saving = step % config.train.checkpoint_every == 0 or last
+        throughput.count(batches, metrics)
+        profile.maybe_stop(step, metrics)
+        pending.append((step, metrics, batches))
+        last = step == total or stopping(step)
+        saving = step % train_config.checkpoint_every == 0 or last
         # Before every save too: under "raise" no checkpoint is written past a non-finite step.
-        if step % config.train.log_every == 0 or saving:
-            skips = _check_finite(pending, config.train, skips, workdir)
-            train_metrics = _summarise(pending, schedule)
-            train_metrics["tokens_per_second"] = tokens_since / max(time.perf_counter() - time_since, 1e-9)
+        if step % train_config.log_every == 0 or saving:
+            skips = _check_finite(pending, train_config, skips, workdir)
+            train_metrics = _summarise(pending, schedule) | throughput.rate()
             writer.write(step, train_metrics, split="train")
             bar.update(step, loss=train_metrics["loss"], learning_rate=train_metrics["learning_rate"],
-                       tokens_per_second=train_metrics["tokens_per_second"])  # fmt: skip
-            pending, tokens_since, time_since = [], 0, time.perf_counter()
+                       tokens_per_second=train_metrics.get("tokens_per_second"))  # fmt: skip
+            pending = []
         eval_metrics = None
-        if step % config.train.eval_every == 0 and not last:
-            eval_metrics = _evaluate(config, model_config, steps, device_state, datasets, writer, step, bleu_limit=True)
+        if step % train_config.eval_every == 0 and not last:
+            with clock:
+                eval_metrics = _evaluate(config, model_config, steps, device_state, datasets, writer, step,
+                                         bleu_limit=True)  # fmt: skip
+            writer.write(step, clock.fractions(), split="eval_time")
+            throughput.restart()  # the evaluation's time is not training time
         if saving:
             save(step, metrics=eval_metrics, force=last)
         if last:
             break
+    profile.maybe_stop(step, None, final=True)
     bar.close()
     checkpointer.wait()
     return device_state, step
 
 
-def _checkpointer(config, workdir: pathlib.Path, datasets) -> ckpt_lib.Checkpointer:
+def _one_or_list(batches: list[dict]):
+    # One batch, or the micro-batches of one accumulated update.
+    return batches[0] if len(batches) == 1 else batches
+
+
+class _Throughput:
+    """Real (non-pad) target tokens per second of training, excluding the first update (which compiles) and
+    evaluations."""
+
+    def __init__(self):
+        self._tokens, self._start, self._compiled = 0, None, False
+
+    def count(self, batches: list[dict], metrics) -> None:
+        if not self._compiled:  # the first update's time is mostly compilation: start the clock after it
+            jax.block_until_ready(metrics)
+            self._compiled = True
+            self.restart()
+            return
+        self._tokens += sum(int(np.count_nonzero(b["targets_out"])) for b in batches)
+
+    def restart(self) -> None:
+        self._tokens, self._start = 0, time.perf_counter()
+
+    def rate(self) -> dict:
+        if not self._tokens:
+            return {}
+        rate = {"tokens_per_second": self._tokens / max(time.perf_counter() - self._start, 1e-9)}
+        self.restart()
+        return rate
+
+
+class _EvalClock:
+    """Wall time spent in evaluations during training, and its fraction of the run's time so far."""
+
+    def __init__(self):
+        self._start = time.perf_counter()
+        self._evaluating = self._entered = self._last = 0.0
+
+    def __enter__(self):
+        self._entered = time.perf_counter()
+
+    def __exit__(self, *exc_info):
+        self._last = time.perf_counter() - self._entered
+        self._evaluating += self._last
+
+    def fractions(self) -> dict:
+        elapsed = max(time.perf_counter() - self._start, 1e-9)
+        fraction = self._evaluating / elapsed
+        return {"seconds": self._last, "total_seconds": self._evaluating, "fraction_of_wall_time": fraction}
+
+
+class _Profile:
+    """A ``jax.profiler`` trace of updates ``start + 1 .. stop`` into ``workdir/profile`` (TensorBoard's profile
+    plugin or Perfetto read it); ``train.profile_steps = ()`` traces nothing."""
+
+    def __init__(self, profile_steps, workdir: epath.Path):
+        self._steps = tuple(profile_steps)
+        self._directory = workdir / "profile"
+        self._active = False
+
+    def maybe_start(self, step: int) -> None:
+        if self._steps and step == self._steps[0] and not self._active:
+            jax.profiler.start_trace(str(self._directory))
+            self._active = True
+
+    def maybe_stop(self, step: int, metrics, *, final: bool = False) -> None:
+        if self._active and (final or step == self._steps[1]):
+            jax.block_until_ready(metrics)  # the trace must hold the device work of its last step
+            jax.profiler.stop_trace()
+            self._active = False
+            log.info("profile of steps %d-%d written to %s", self._steps[0] + 1, step, self._directory)
+
+
+def _checkpointer(config, workdir: epath.Path, datasets) -> ckpt_lib.Checkpointer:
     return ckpt_lib.Checkpointer(
         workdir / "checkpoints",
         max_to_keep=config.train.keep_checkpoints,
@@ -168,21 +265,23 @@ def _optimizer(train_config, schedule):
         eps=train_config.eps,
         grad_clip_norm=train_config.grad_clip_norm or None,
         weight_decay=train_config.weight_decay,
-        accumulation_steps=train_config.accumulation_steps,
     )
 
 
 def compile_steps(config, model_config, tx, mesh) -> Steps:
     """Jitted (sharded over ``mesh``) or pmapped (``config.parallel.strategy``) ``train_step``/``eval_step``.
 
-    Both wrap the one pure step; they differ only in how state and batches are placed on the devices.
+    Both wrap the one pure step; they differ only in how state and batches are placed on the devices. With
+    ``train.accumulation_steps > 1`` an update runs ``accumulate_gradients`` per micro-batch, then
+    ``apply_gradients``.
     """
-    train_fn = functools.partial(
-        train_step, model_config=model_config, tx=tx, label_smoothing=config.train.label_smoothing
-    )
+    common = {"model_config": model_config, "label_smoothing": config.train.label_smoothing}
+    train_fn = functools.partial(train_step, tx=tx, **common)
+    accumulate_fn = functools.partial(accumulate_gradients, **common)
+    apply_fn = functools.partial(apply_gradients, tx=tx)
     eval_fn = functools.partial(eval_step, model_config=model_config)
     if config.parallel.strategy == "pmap":
-        return _pmap_steps(train_fn, eval_fn)
+        return _pmap_steps(train_fn, accumulate_fn, apply_fn, eval_fn)
     if config.parallel.strategy != "jit":
         raise config_lib.ConfigError(
             f"config.parallel.strategy: expected 'jit' or 'pmap', got {config.parallel.strategy!r}"
@@ -192,8 +291,14 @@ def compile_steps(config, model_config, tx, mesh) -> Steps:
         shardings = parallel.state_shardings(jax.eval_shape(lambda: state), mesh, tx)
         return jax.device_put(state, shardings)
 
+    train = _accumulating(
+        parallel.lockstep(jax.jit(train_fn, donate_argnums=0), "train_step"),
+        parallel.lockstep(jax.jit(start_accumulation), "start_accumulation"),
+        parallel.lockstep(jax.jit(accumulate_fn, donate_argnums=0), "accumulate_gradients"),
+        parallel.lockstep(jax.jit(apply_fn, donate_argnums=0), "apply_gradients"),
+    )
     return Steps(
-        train=parallel.lockstep(jax.jit(train_fn, donate_argnums=0), "train_step"),
+        train=train,
         evaluate=parallel.lockstep(jax.jit(eval_fn), "eval_step"),
         put_batch=functools.partial(parallel.put_global_batch, mesh=mesh),
         put_state=put_state,
@@ -202,7 +307,21 @@ def compile_steps(config, model_config, tx, mesh) -> Steps:
     )
 
 
-def _pmap_steps(train_fn, eval_fn) -> Steps:
+def _accumulating(train, start, accumulate, apply) -> Callable:
+    """``train(state, batch, rng)`` for one batch; a list of micro-batches accumulates, then updates once."""
+
+    def step(state, batch, rng):
+        if not isinstance(batch, list):
+            return train(state, batch, rng)
+        sums = start(state.params)
+        for index, micro_batch in enumerate(batch):
+            sums = accumulate(sums, state.params, micro_batch, rng, state.step, np.int32(index))
+        return apply(state, *sums)
+
+    return step
+
+
+def _pmap_steps(train_fn, accumulate_fn, apply_fn, eval_fn) -> Steps:
     axis = "batch"
     count = jax.local_device_count()
 
@@ -210,20 +329,36 @@ def _pmap_steps(train_fn, eval_fn) -> Steps:
         # [B, ...] -> [devices, B / devices, ...]
         return jax.tree.map(lambda x: x.reshape(count, x.shape[0] // count, *x.shape[1:]), batch)
 
-    train = jax.pmap(functools.partial(train_fn, axis_name=axis), axis_name=axis, donate_argnums=0,
-                     in_axes=(0, 0, None))  # fmt: skip
-    train = parallel.lockstep(train, "train_step")
-    evaluate = parallel.lockstep(jax.pmap(functools.partial(eval_fn, axis_name=axis), axis_name=axis), "eval_step")
+    def put_state(state):
+        # pmap keeps one copy per local device, made from host arrays (the global state may be sharded).
+        host = jax.tree.map(parallel.fetch_global, state)
+        return _replicate(jax.tree.map(lambda x: np.stack([x] * count), host))
+
+    pmapped = functools.partial(jax.pmap, axis_name=axis)
+    train = _accumulating(
+        parallel.lockstep(
+            pmapped(functools.partial(train_fn, axis_name=axis), donate_argnums=0, in_axes=(0, 0, None)), "train_step"
+        ),  # fmt: skip
+        parallel.lockstep(pmapped(start_accumulation), "start_accumulation"),
+        parallel.lockstep(
+            pmapped(
+                functools.partial(accumulate_fn, axis_name=axis), donate_argnums=0, in_axes=(0, 0, 0, None, 0, None)
+            ),
+            "accumulate_gradients",
+        ),  # fmt: skip
+        parallel.lockstep(pmapped(functools.partial(apply_fn, axis_name=axis), donate_argnums=0), "apply_gradients"),
+    )
+    evaluate = parallel.lockstep(pmapped(functools.partial(eval_fn, axis_name=axis)), "eval_step")
     return Steps(
         train=lambda state, batch, rng: _first_metrics(train(state, batch, rng)),
         evaluate=lambda params, batch: jax.tree.map(lambda x: x[0], evaluate(params, batch)),
         put_batch=split,
-        put_state=lambda state: _replicate(jax.tree.map(lambda x: jnp.stack([x] * count), state)),
+        put_state=put_state,
         get_state=lambda state: jax.tree.map(lambda x: x[0], state),
     )
 
 
-# [devices, ...] host or single-device arrays -> one slice per device, as pmap keeps its state.
+# [devices, ...] host arrays -> one slice per device, as pmap keeps its state.
 _replicate = jax.pmap(lambda tree: tree)
 
 
@@ -269,6 +404,15 @@ def _warn_if_changed(restored: ckpt_lib.Restored, config, metadata: dict) -> Non
                 )  # fmt: skip
 
 
+def abstract_checkpoint(config: ml_collections.ConfigDict):
+    """``(model_config, abstract checkpoint tree)`` of a training run of ``config``: what its checkpoints hold."""
+    model_config = config_lib.model_config(config)
+    tx = _optimizer(config.train, rsqrt_warmup_schedule(model_config.d_model, config.train.warmup_steps))
+    init = functools.partial(init_train_state, model_config=model_config, tx=tx, task=config.task)
+    abstract = jax.eval_shape(init, jax.random.key(0))
+    return model_config, _to_checkpoint(abstract, jax.eval_shape(lambda: jax.random.key(0)))
+
+
 def _to_checkpoint(state: TrainState, rng, mesh: Mesh | None = None) -> dict:
     """The saved tree: the state plus the dropout key's raw data (typed keys do not serialise).
 
@@ -299,14 +443,14 @@ def _run_metadata(datasets) -> dict:
     return ckpt_lib.environment_metadata() | {"data_fingerprint": datasets.fingerprint}
 
 
-def _check_finite(pending, train_config, skips: int, workdir: pathlib.Path) -> int:
+def _check_finite(pending, train_config, skips: int, workdir: epath.Path) -> int:
     """Applies the non-finite policy to the steps since the last fetch; returns the consecutive-skip count."""
-    for step, metrics, batch in pending:
+    for step, metrics, batches in pending:
         if float(metrics["finite"]) == 1.0:
             skips = 0
             continue
         if train_config.nonfinite == "raise":
-            path = _save_batch(workdir, step, batch)
+            path = _save_batches(workdir, step, batches)
             raise NonFiniteError(
                 f"non-finite loss or gradient at step {step} (loss sum {float(metrics['loss'])}); the batch is in "
                 f"{path}. The update was not applied and the last checkpoint is intact. Rerun with "
@@ -315,7 +459,7 @@ def _check_finite(pending, train_config, skips: int, workdir: pathlib.Path) -> i
         skips += 1
         log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step, skips)
         if skips > train_config.max_consecutive_skips:
-            path = _save_batch(workdir, step, batch)
+            path = _save_batches(workdir, step, batches)
             raise NonFiniteError(
                 f"{skips} consecutive non-finite steps up to step {step} (limit "
                 f"train.max_consecutive_skips={train_config.max_consecutive_skips}); the last batch is in {path}"
@@ -323,12 +467,19 @@ def _check_finite(pending, train_config, skips: int, workdir: pathlib.Path) -> i
     return skips
 
 
-def _save_batch(workdir: pathlib.Path, step: int, batch: dict) -> pathlib.Path:
-    """Keeps the batch of a failed step for inspection: ``workdir/nonfinite/step_<N>.npz`` (per process)."""
+def _save_batches(workdir: epath.Path, step: int, batches: list[dict]) -> epath.Path:
+    """Keeps the batch of a failed step for inspection: ``workdir/nonfinite/step_<N>.npz`` (per process); the
+    micro-batches of an accumulated update as ``micro<M>_<key>``."""
     suffix = f"_process{jax.process_index()}" if jax.process_count() > 1 else ""
     path = workdir / "nonfinite" / f"step_{step}{suffix}.npz"
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **{key: np.asarray(value) for key, value in batch.items()})
+    arrays = {
+        (key if len(batches) == 1 else f"micro{m}_{key}"): np.asarray(value)
+        for m, batch in enumerate(batches)
+        for key, value in batch.items()
+    }
+    with path.open("wb") as file:
+        np.savez(file, **arrays)
     return path
 
 
@@ -344,7 +495,7 @@ def _summarise(pending, schedule) -> dict:
         "nll": sums["nll"] / weight if applied else float("nan"),
         "accuracy": sums["correct"] / weight if applied else float("nan"),
         "grad_norm": float(np.mean([float(m["grad_norm"]) for m in applied])) if applied else float("nan"),
-        "learning_rate": float(schedule(last_step - 1)),
+        "learning_rate": float(schedule(last_step - 1)),  # the rate the last update used (optax counts from 0)
         "skipped_steps": len(totals) - len(applied),
     }
 
@@ -365,47 +516,50 @@ def _evaluate(config, model_config, steps, device_state, datasets, writer, step,
     return metrics
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Reading a finished (or running) workdir: eval, translate, average
-# ---------------------------------------------------------------------------------------------------------
+class _StopDecision:
+    """When to stop before ``train.steps``: SIGTERM (preemption) or the time budget, one decision for all processes.
+
+    One process decides on its own. Several must stop at the same step, or one would enter a save while another
+    enters the next step's all-reduce (a hang): SIGTERM on any host goes through JAX's preemption sync
+    (``reached_preemption``: every process learns of it and all stop at the same step), and process 0's clock
+    alone decides the time budget (the others' configs and clocks are not consulted), broadcast to the others
+    every ``log_every`` steps.
+    """
+
+    def __init__(self, train_config, checkpointer: ckpt_lib.Checkpointer):
+        self.preempted = False
+        budget = train_config.time_budget_minutes
+        self.budget_seconds = 60 * budget if budget else None
+        self.started = time.monotonic()
+        self._deadline = self.started + self.budget_seconds if budget else None
+        self._checkpointer = checkpointer
+        self._every = train_config.log_every
+        self._several = jax.process_count() > 1
+        self._broadcast_started = False
+        # JAX's preemption notifier handles SIGTERM in multi-process runs; a handler here would replace it.
+        self._signal = None if self._several else _SigtermFlag()
+
+    def __call__(self, step: int) -> bool:
+        if self._signal.requested if self._signal else self._checkpointer.reached_preemption(step):
+            self.preempted = True
+            return True
+        if not self._several:
+            return self._deadline is not None and time.monotonic() > self._deadline
+        if step % self._every:
+            return False
+        # Every process joins, whatever its own config says: process 0's budget and clock decide for all.
+        over = jax.process_index() == 0 and self._deadline is not None and time.monotonic() > self._deadline
+        if not self._broadcast_started:  # the first collective of a new program must not wait more than 30 s
+            hosts.barrier("stop_decision")
+            self._broadcast_started = True
+        return bool(multihost_utils.broadcast_one_to_all(np.bool_(over)))
+
+    def close(self) -> None:
+        if self._signal:
+            self._signal.restore()
 
 
-def abstract_checkpoint(config, workdir, *, datasets=None):
-    """``(model_config, abstract checkpoint tree, datasets)`` for restoring from ``workdir``."""
-    datasets = datasets or build_datasets(config, workdir)
-    model_config = config_lib.model_config(config, vocab_size=datasets.vocab_size)
-    tx = _optimizer(config.train, rsqrt_warmup_schedule(model_config.d_model, config.train.warmup_steps))
-    init = functools.partial(init_train_state, model_config=model_config, tx=tx, task=config.task)
-    abstract = jax.eval_shape(init, jax.random.key(0))
-    return model_config, _to_checkpoint(abstract, jax.eval_shape(lambda: jax.random.key(0))), datasets
-
-
-def restore_params(config, workdir):
-    """``(model_config, params, datasets)`` of the newest good checkpoint in ``workdir``."""
-    model_config, target, datasets = abstract_checkpoint(config, workdir)
-    checkpointer = _checkpointer(config, pathlib.Path(workdir), datasets)
-    if checkpointer.latest_step() is None:
-        raise ckpt_lib.CheckpointError(f"no checkpoint in {pathlib.Path(workdir) / 'checkpoints'}: train first")
-    restored = checkpointer.restore(target)
-    checkpointer.close()
-    return model_config, restored.state["params"], datasets
-
-
-def evaluate_checkpoint(config, workdir) -> dict:
-    """Validation loss, accuracy, perplexity and BLEU (or exact match), and test quality, of the newest checkpoint."""
-    model_config, params, datasets = restore_params(config, workdir)
-    evaluate = jax.jit(functools.partial(eval_step, model_config=model_config))
-    results = {"validation": evaluate_loss(evaluate, params, datasets.eval_batches())}
-    if config.task == "translation":
-        for split, pairs in (("validation", datasets.validation_pairs), ("test", datasets.test_pairs)):
-            quality, _ = translation_quality(
-                params, pairs, datasets.tokenizer, model_config=model_config, eval_config=config.eval
-            )
-            results.setdefault(split, {}).update(quality)
-    return results
-
-
-class _StopSignal:
+class _SigtermFlag:
     """Turns SIGTERM into a request to checkpoint at the next step boundary and stop."""
 
     def __init__(self):

@@ -12,9 +12,9 @@ import math
 import numbers
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
+from etils import epath
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -35,10 +35,11 @@ ATTENTION_KINDS = {
 _MAX_PANEL_INCHES = 8.0  # a 200-token sentence still fits on a screen; its labels just get smaller
 
 
-def _save(fig: Figure, out_png: str | os.PathLike) -> Path:
-    out_png = Path(out_png)
+def _save(fig: Figure, out_png: str | os.PathLike) -> epath.Path:
+    out_png = epath.Path(out_png)  # a local path or a URL (gs://...)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=DPI)
+    with out_png.open("wb") as file:
+        fig.savefig(file, dpi=DPI, format="png")
     return out_png
 
 
@@ -120,7 +121,7 @@ def learning_curves_figure(metrics: Sequence[Mapping] | str | os.PathLike) -> Fi
     return fig
 
 
-def plot_learning_curves(metrics: Sequence[Mapping] | str | os.PathLike, out_png: str | os.PathLike) -> Path:
+def plot_learning_curves(metrics: Sequence[Mapping] | str | os.PathLike, out_png: str | os.PathLike) -> epath.Path:
     """Saves ``learning_curves_figure(metrics)`` as a PNG.
 
     Args:
@@ -224,7 +225,7 @@ def plot_attention(
     out_png: str | os.PathLike,
     *,
     title: str | None = None,
-) -> Path:
+) -> epath.Path:
     """Saves ``attention_figure(weights, source_tokens, target_tokens, title=title)`` as a PNG.
 
     Args:
@@ -245,7 +246,7 @@ def plot_attention_layers(
     source_tokens: Sequence[str],
     target_tokens: Sequence[str],
     out_dir: str | os.PathLike,
-) -> list[Path]:
+) -> list[epath.Path]:
     """Writes two PNGs per layer of every attention kind: the mean over heads, and a grid of all heads.
 
     Files are ``<kind>_layer<l>_mean.png`` and ``<kind>_layer<l>_heads.png``, layers counted from 1.
@@ -272,7 +273,7 @@ def plot_attention_layers(
             raise ValueError(f"{kind} weights must be [L, N, T, S], got shape {layers.shape}")
         L, N = layers.shape[:2]
         for layer in range(L):
-            stem = Path(out_dir) / f"{kind}_layer{layer + 1:0{len(str(L))}d}"
+            stem = epath.Path(out_dir) / f"{kind}_layer{layer + 1:0{len(str(L))}d}"
             where = f"{description}, layer {layer + 1} of {L}"
             labels = (tokens[key_side], tokens[query_side])
             mean = layers[layer].mean(axis=0)  # [N, T, S] -> [T, S]

@@ -2,10 +2,10 @@
 
 import json
 import logging
-import pathlib
 
 import jax
 import numpy as np
+from etils import epath
 
 from attn_jax import parallel, plots
 from attn_jax.data.tokenizer import encode
@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 BOS_ID, EOS_ID = 2, 1
 
 
-def final_report(config, model_config, params, datasets, workdir: pathlib.Path, results: dict, *, mesh=None) -> dict:
+def final_report(config, model_config, params, datasets, workdir: epath.Path, results: dict, *, mesh=None) -> dict:
     """Scores the test split, prints samples, writes ``results.json`` and the PNGs under ``workdir/plots``.
 
     Every process calls it (test decoding is split over ``mesh``); only process 0 prints and writes.
@@ -55,7 +55,7 @@ def _print_samples(pairs, hypotheses, count: int) -> None:
         print(f"  source:    {source}\n  reference: {reference}\n  output:    {hypothesis}\n", flush=True)
 
 
-def _plot_attention(params, model_config, eval_config, tokenizer, source: str, out_dir: pathlib.Path) -> None:
+def _plot_attention(params, model_config, eval_config, tokenizer, source: str, out_dir: epath.Path) -> None:
     """Translates one sentence, then plots every layer's attention on (source, translation).
 
     RNNsearch's alignments come out as one layer of one head of encoder-decoder attention (Bahdanau et al.'s

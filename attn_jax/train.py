@@ -16,8 +16,8 @@ from flax import struct
 
 from attn_jax.families import ModelConfig, family
 from attn_jax.losses import cross_entropy_sums
-from attn_jax.model_config import TransformerConfig
 from attn_jax.model import init_language_model, language_model, transformer
+from attn_jax.model_config import TransformerConfig
 from attn_jax.types import PRNGKeyArray
 
 
@@ -88,7 +88,7 @@ def train_step(
     label_smoothing: float = 0.1,
     axis_name: str | None = None,
 ):
-    """One optimiser update on the token-averaged, label-smoothed cross-entropy.
+    """One optimiser update on the token-averaged, label-smoothed cross-entropy of one batch.
 
     Args:
       state: the current ``TrainState``.
@@ -103,12 +103,63 @@ def train_step(
       ``(new_state, metrics)`` where metrics are sums over the global batch (``loss``, ``nll``, ``correct``,
       ``weight``) plus ``grad_norm`` and ``finite`` (1.0 when the update was applied).
     """
-    dropout_rng = jax.random.fold_in(rng, state.step)
-    if axis_name is not None:
-        dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axis_name))
-    grads, sums = jax.grad(_objective, has_aux=True)(
-        state.params, batch=batch, model_config=model_config, label_smoothing=label_smoothing, dropout_rng=dropout_rng
+    grads, sums = gradient_sums(
+        state.params, batch, _dropout_rng(rng, state.step, axis_name),
+        model_config=model_config, label_smoothing=label_smoothing,
+    )  # fmt: skip
+    return apply_gradients(state, grads, sums, tx=tx, axis_name=axis_name)
+
+
+def accumulate_gradients(
+    accumulated,
+    params,
+    batch: dict,
+    rng: PRNGKeyArray,
+    step,
+    micro_batch,
+    *,
+    model_config: ModelConfig,
+    label_smoothing: float = 0.1,
+    axis_name: str | None = None,
+):
+    """Adds one micro-batch's summed gradients and loss sums to ``accumulated`` (``start_accumulation``'s zeros).
+
+    With ``train.accumulation_steps = k`` the loop calls this for k micro-batches, then ``apply_gradients`` once:
+    the update divides the summed gradients by the total token count, so every real token weighs the same, as
+    with one big batch (micro-batches of different lengths are not averaged per micro-batch). Micro-batch ``m``
+    of update ``step`` draws its dropout from ``fold_in(fold_in(rng, step), m)``.
+
+    Returns:
+      ``(gradient sums, loss sums)`` with the pytree structure of ``gradient_sums``'s result.
+    """
+    dropout_rng = jax.random.fold_in(_dropout_rng(rng, step, axis_name), micro_batch)
+    grads, sums = gradient_sums(params, batch, dropout_rng, model_config=model_config, label_smoothing=label_smoothing)
+    return jax.tree.map(jnp.add, accumulated, (grads, sums))
+
+
+def start_accumulation(params):
+    """Zero gradient sums shaped (and, under ``jit``, sharded) like ``params``, and zero loss sums."""
+    zero = jnp.zeros((), jnp.float32)
+    return jax.tree.map(jnp.zeros_like, params), {name: zero for name in ("loss", "nll", "correct", "weight")}
+
+
+def gradient_sums(params, batch: dict, dropout_rng, *, model_config: ModelConfig, label_smoothing: float):
+    """Gradients of the *summed* smoothed loss of one batch, and its sums (``loss``, ``nll``, ``correct``,
+    ``weight``); dividing by the token count is left to ``apply_gradients``."""
+    return jax.grad(_objective, has_aux=True)(
+        params, batch=batch, model_config=model_config, label_smoothing=label_smoothing, dropout_rng=dropout_rng
     )
+
+
+def apply_gradients(state: TrainState, grads, sums: dict, *, tx: optax.GradientTransformation, axis_name=None):
+    """The optimiser update from summed gradients and loss sums (one batch, or several accumulated).
+
+    A non-finite loss or gradient leaves the parameters and optimiser state untouched (``finite = 0``); the step
+    counts optimiser updates either way.
+
+    Returns:
+      ``(new_state, metrics)`` as for ``train_step``.
+    """
     if axis_name is not None:
         grads, sums = jax.lax.psum((grads, sums), axis_name)
     # Gradients of the *sum*, divided by the global token count: every real token weighs the same.
@@ -123,6 +174,14 @@ def train_step(
     )
     metrics = sums | {"grad_norm": optax.tree.norm(grads), "finite": finite.astype(jnp.float32)}
     return new_state, metrics
+
+
+def _dropout_rng(rng, step, axis_name):
+    """This update's dropout key, ``fold_in(rng, step)``, and under ``pmap`` one stream per device."""
+    dropout_rng = jax.random.fold_in(rng, step)
+    if axis_name is not None:
+        dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axis_name))
+    return dropout_rng
 
 
 def eval_step(params, batch: dict, *, model_config: ModelConfig, axis_name: str | None = None) -> dict:

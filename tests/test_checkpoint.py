@@ -18,6 +18,7 @@ from attn_jax.checkpoint import (
     CheckpointMismatchError,
     average_checkpoints,
     environment_metadata,
+    read_params,
     save_averaged,
 )
 
@@ -261,40 +262,58 @@ def test_missing_parameter_is_reported_as_mismatch(tmp_path):
 
 def test_average_checkpoints_equals_numpy_mean_of_params(tmp_path):
     _save_steps(tmp_path, [1, 2, 3, 4], max_to_keep=4)
-    averaged, steps = average_checkpoints(tmp_path, _target(), last=3)
+    averaged, steps = average_checkpoints(tmp_path, _target()["params"], last=3)
     assert steps == [2, 3, 4]
     newest = _trained_state(4)
-    expected_params = jax.tree.map(
+    expected = jax.tree.map(
         lambda *leaves: np.mean(np.stack([np.asarray(x, np.float32) for x in leaves]), axis=0).astype(leaves[0].dtype),
         *[_trained_state(step)["params"] for step in steps],
     )
-    assert jax.tree.structure(averaged) == jax.tree.structure(newest)
-    assert not np.array_equal(np.asarray(averaged["params"]["encoder"]["w_q"]), newest["params"]["encoder"]["w_q"])
-    for (path, actual), expected in zip(
-        jax.tree_util.tree_leaves_with_path(averaged["params"]), jax.tree.leaves(expected_params), strict=True
-    ):
-        assert actual.dtype == expected.dtype
-        np.testing.assert_allclose(
-            np.asarray(actual, np.float32), np.asarray(expected, np.float32), rtol=1e-6, err_msg=str(path)
-        )
-    del averaged["params"], newest["params"]
-    _assert_states_equal(averaged, newest)  # opt_state, step and rng are the newest checkpoint's
+    assert jax.tree.structure(averaged) == jax.tree.structure(newest["params"])
+    assert not np.array_equal(np.asarray(averaged["encoder"]["w_q"]), newest["params"]["encoder"]["w_q"])
+    for (path, actual), want in zip(jax.tree_util.tree_leaves_with_path(averaged), jax.tree.leaves(expected),
+                                    strict=True):  # fmt: skip
+        assert actual.dtype == want.dtype
+        np.testing.assert_allclose(np.asarray(actual, np.float32), np.asarray(want, np.float32), rtol=1e-6,
+                                   err_msg=str(path))  # fmt: skip
 
 
-def test_save_averaged_writes_a_separate_checkpoint(tmp_path):
+def test_save_averaged_writes_a_separate_params_checkpoint_that_read_params_reads(tmp_path):
     _save_steps(tmp_path, [1, 2, 3])
-    assert save_averaged(tmp_path, _target(), last=2) == [2, 3]
-    assert save_averaged(tmp_path, _target(), last=3) == [1, 2, 3]  # rewriting the same step is allowed
-    expected, steps = average_checkpoints(tmp_path, _target(), last=3)
-    with Checkpointer(tmp_path / "averaged") as averaged:
-        restored = averaged.restore(_target())
+    assert save_averaged(tmp_path, _target()["params"], last=2) == [2, 3]
+    assert save_averaged(tmp_path, _target()["params"], last=3) == [1, 2, 3]  # rewriting the same step is allowed
+    expected, steps = average_checkpoints(tmp_path, _target()["params"], last=3)
+    restored = read_params(tmp_path, _target()["params"], checkpoint="averaged")
     assert restored.step == 3
     assert restored.metadata["averaged_steps"] == steps == [1, 2, 3]
-    assert restored.data_state == {"position": 3}
-    _assert_states_equal(restored.state, expected)
+    _assert_states_equal(restored.state["params"], expected)
     with Checkpointer(tmp_path) as checkpointer:
         assert checkpointer.all_steps() == [1, 2, 3]
         assert checkpointer.restore(_target()).step == 3
+
+
+def test_read_params_reads_a_chosen_step_and_only_the_parameters(tmp_path):
+    _save_steps(tmp_path, [1, 2])
+    # The optimiser state is not read: a target that only names the parameters needs no optimiser at all.
+    restored = read_params(tmp_path, _target()["params"], checkpoint=1)
+    assert restored.step == 1 and set(restored.state) == {"params"}
+    _assert_states_equal(restored.state["params"], _trained_state(1)["params"])
+    assert read_params(tmp_path, _target()["params"]).step == 2
+    with pytest.raises(CheckpointError, match="attn-jax average"):
+        read_params(tmp_path, _target()["params"], checkpoint="averaged")
+    with pytest.raises(CheckpointError, match="step 7"):
+        read_params(tmp_path, _target()["params"], checkpoint=7)
+    # A params target that disagrees with the checkpoint is still a mismatch.
+    target = _target()["params"]
+    target["decoder"] = jax.ShapeDtypeStruct((2,), jnp.float32)
+    with pytest.raises(CheckpointMismatchError, match=r"\['decoder'\]"):
+        read_params(tmp_path, target)
+
+
+def test_read_params_on_a_missing_directory_creates_nothing(tmp_path):
+    with pytest.raises(CheckpointError, match="train first"):
+        read_params(tmp_path / "nothing" / "checkpoints", _target()["params"])
+    assert not (tmp_path / "nothing").exists()
 
 
 def test_non_json_side_item_is_rejected_before_saving(tmp_path):

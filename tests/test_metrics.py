@@ -1,5 +1,6 @@
 """Tests for attn_jax.metrics: the JSONL log, TensorBoard events and the progress bar."""
 
+import io
 import json
 import math
 import re
@@ -111,27 +112,46 @@ def test_read_metrics_rejects_damage_before_the_last_line(tmp_path):
         read_metrics(path)
 
 
-def test_progress_bar_in_non_tty_shows_tokens_per_second(capsys):
+def test_progress_without_a_terminal_is_one_plain_line_per_update(capsys):
     bar = ProgressBar(100, initial_step=10, enabled=True)
     for step in (20, 30):
         bar.update(step, loss=jnp.float32(2.3456), learning_rate=np.float32(7e-4), tokens_per_second=12345.0)
+    bar.update(40, loss=2.0, learning_rate=1e-3)  # no tokens/s measured yet: not shown
     bar.close()
 
     err = capsys.readouterr().err
-    assert "tok/s=12.3k" in err and "loss=2.3456" in err and "lr=7.00e-04" in err
-    assert "30/100" in err and "eta" in err
+    assert "\r" not in err  # a log file gets lines, not a bar redrawn with carriage returns
+    lines = err.splitlines()
+    assert lines == [
+        "step 20/100 (20%) | loss 2.3456 | lr 7.00e-04 | 12.3k tok/s",
+        "step 30/100 (30%) | loss 2.3456 | lr 7.00e-04 | 12.3k tok/s",
+        "step 40/100 (40%) | loss 2.0000 | lr 1.00e-03",
+    ]
 
 
-def test_progress_bar_under_a_time_budget_shows_the_time_left_not_a_step_eta(capsys):
-    bar = ProgressBar(100_000, initial_step=0, enabled=True, deadline=time.monotonic() + 125.0)
-    bar.update(5, loss=2.0, learning_rate=1e-3, tokens_per_second=100.0)
+def test_progress_under_a_time_budget_shows_time_used_of_the_budget_not_steps_of_the_total(capsys):
+    bar = ProgressBar(100_000, initial_step=0, enabled=True, budget=600.0, started=time.monotonic() - 150.0)
+    bar.update(400, loss=2.0, learning_rate=1e-3, tokens_per_second=100.0)
     bar.close()
 
     err = capsys.readouterr().err
-    left = re.findall(r"budget left (\d+):(\d\d), loss=2\.0000", err)
-    assert left, err
-    assert 100 <= 60 * int(left[-1][0]) + int(left[-1][1]) <= 125
-    assert "eta" not in err
+    used = re.findall(r"^step 400 \| 02:(\d\d) / 10:00 of the time budget \((\d+)%\) \| loss 2\.0000", err, re.M)
+    assert used, err
+    assert 30 <= int(used[0][0]) <= 40 and used[0][1] in ("25", "26")
+    assert "400/100" not in err and "100,000" not in err
+
+
+def test_progress_on_a_terminal_draws_a_bar_over_the_budget():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    out = Terminal()
+    bar = ProgressBar(100_000, budget=100.0, started=time.monotonic() - 50.0, stream=out)
+    bar.update(7, loss=2.0, learning_rate=1e-3, tokens_per_second=100.0)
+    bar.close()
+    assert re.search(r" 5\d%\|", out.getvalue()), out.getvalue()  # half the budget, not 7 of 100,000 steps
+    assert "step 7 | 00:5" in out.getvalue()
 
 
 def test_progress_bar_disabled_prints_nothing(capsys):

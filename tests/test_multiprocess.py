@@ -9,9 +9,11 @@ parameters agree to float32 reduction-order noise.
 """
 
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -94,7 +96,7 @@ def _train_losses(workdir) -> dict[int, float]:
 def _final_params(workdir):
     config = load_experiment(TINY, [])
     with Checkpointer(pathlib.Path(workdir) / "checkpoints", read_only=True) as checkpointer:
-        restored = checkpointer.restore(loop.abstract_checkpoint(config, workdir)[1])
+        restored = checkpointer.restore(loop.abstract_checkpoint(config)[1])
     return restored.step, jax.device_get(restored.state["params"])
 
 
@@ -123,3 +125,92 @@ def test_two_processes_train_checkpoint_and_resume_like_one_process(tmp_path):
         if jax.tree_util.keystr(path).endswith("['b_k']"):
             continue  # exact gradient 0 (softmax ignores q.b_k): Adam scales rounding noise up (test_parallel.py)
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stopping together: one decision for every process
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _start_two_processes(workdir, per_process: list[list[str]]) -> list[subprocess.Popen]:
+    """``attn-jax train`` on tiny.py as processes 0 and 1 of one run, each with its own extra overrides."""
+    address = f"127.0.0.1:{_free_port()}"
+    env = subprocess_env(4, JAX_PLATFORMS="cpu")
+    env.pop("PYTEST_CURRENT_TEST", None)
+    common = [f"--config.{o}" for o in (*OVERRIDES, "train.steps=100000", "train.checkpoint_every=100000")]
+    return [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "attn_jax",
+                "train",
+                "--config",
+                TINY,
+                "--workdir",
+                str(workdir),
+                *common,
+                *[f"--config.{o}" for o in extra],
+                f"--config.parallel.coordinator_address={address}",
+                "--config.parallel.num_processes=2",
+                f"--config.parallel.process_id={index}",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for index, extra in enumerate(per_process)
+    ]
+
+
+def _finish(processes) -> list[str]:
+    outputs = [process.communicate(timeout=600) for process in processes]
+    for index, (process, (_, err)) in enumerate(zip(processes, outputs, strict=True)):
+        assert process.returncode == 0, f"process {index}:\n{err[-4000:]}"
+    return [err for _, err in outputs]
+
+
+def _saved_steps(workdir) -> list[int]:
+    with Checkpointer(pathlib.Path(workdir) / "checkpoints", read_only=True) as checkpointer:
+        return checkpointer.all_steps()
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
+    processes = _start_two_processes(tmp_path, [[], []])
+    try:
+        # Once training runs (process 0 has logged a few steps), preempt process 1 only.
+        while not (tmp_path / "metrics.jsonl").is_file() or len(_train_losses_so_far(tmp_path)) < 3:
+            assert all(p.poll() is None for p in processes), processes[0].stderr.read()[-3000:]
+            time.sleep(0.5)
+        processes[1].send_signal(signal.SIGTERM)
+        errors = _finish(processes)
+    finally:
+        for process in processes:
+            process.kill()
+    steps = _saved_steps(tmp_path)
+    assert len(steps) == 1, steps  # one checkpoint, written by both processes at the step they agreed on
+    for err in errors:
+        assert f"SIGTERM: checkpointed step {steps[0]} and stopped" in err, err[-3000:]
+    assert not (tmp_path / "results.json").exists()  # no final evaluation after a preemption
+
+
+@pytest.mark.slow
+def test_the_time_budget_is_process_0s_clock_even_when_the_clocks_disagree(tmp_path):
+    # Process 0's budget runs out after a few seconds; process 1's never would. Both must stop at one step.
+    processes = _start_two_processes(tmp_path, [["train.time_budget_minutes=0.05"], ["train.time_budget_minutes=0"]])
+    try:
+        errors = _finish(processes)
+    finally:
+        for process in processes:
+            process.kill()
+    steps = _saved_steps(tmp_path)
+    assert len(steps) == 1, steps
+    for err in errors:
+        assert f"stopped early at step {steps[0]} (time budget)" in err, err[-3000:]
+    assert (tmp_path / "results.json").is_file()
+
+
+def _train_losses_so_far(workdir) -> list:
+    return [r for r in read_metrics(pathlib.Path(workdir) / "metrics.jsonl") if r["split"] == "train"]

@@ -95,7 +95,7 @@ def test_nan_batch_stops_naming_the_step_and_keeping_the_batch_and_the_last_good
     config = load_experiment(TINY, [])
     checkpointer = Checkpointer(tmp_path / "checkpoints")
     assert checkpointer.all_steps() == [2]
-    restored = checkpointer.restore(loop.abstract_checkpoint(config, tmp_path)[1])
+    restored = checkpointer.restore(loop.abstract_checkpoint(config)[1])
     checkpointer.close()
     assert restored.step == 2
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(restored.state["params"]))
@@ -148,7 +148,7 @@ def test_nan_gradient_is_skipped_and_training_goes_on(tmp_path, monkeypatch):
     assert records[2]["loss"] is None  # no applied step in that interval: nothing to average
     assert all(np.isfinite(records[s]["loss"]) for s in (1, 3, 4))
     checkpointer = Checkpointer(tmp_path / "checkpoints")
-    restored = checkpointer.restore(loop.abstract_checkpoint(load_experiment(TINY, []), tmp_path)[1])
+    restored = checkpointer.restore(loop.abstract_checkpoint(load_experiment(TINY, []))[1])
     checkpointer.close()
     # Adam counted the three applied updates only: the skipped one left the optimiser state alone.
     assert restored.step == 4

@@ -80,7 +80,7 @@ def _run_and_kill(workdir, at_step: int, delay: float) -> bool:
 
 def _final_state(workdir):
     config = load_experiment(SPEC, [o.removeprefix("--config.") for o in OVERRIDES])
-    _, target, _ = abstract_checkpoint(config, workdir)
+    _, target = abstract_checkpoint(config)
     with Checkpointer(pathlib.Path(workdir) / "checkpoints", read_only=True) as checkpointer:
         restored = checkpointer.restore(target)
     assert restored.step == STEPS

@@ -22,9 +22,17 @@ import optax
 import pytest
 
 from attn_jax import TransformerConfig
-from attn_jax.optim import make_optimizer, rsqrt_warmup_schedule
-from attn_jax.train import TrainState, eval_step, init_train_state, train_step
 from attn_jax.model import language_model, transformer
+from attn_jax.optim import make_optimizer, rsqrt_warmup_schedule
+from attn_jax.train import (
+    TrainState,
+    accumulate_gradients,
+    apply_gradients,
+    eval_step,
+    init_train_state,
+    start_accumulation,
+    train_step,
+)
 from tests.helpers import assert_trees_allclose
 
 V, D, N, H, F = 19, 13, 3, 5, 17
@@ -384,3 +392,43 @@ def test_jitted_train_step_learns_the_copy_task():
     sums = _jit(functools.partial(eval_step, model_config=cfg))(state.params, held_out)
     assert float(sums["loss"] / sums["weight"]) < 0.05
     assert float(sums["correct"] / sums["weight"]) > 0.99
+
+
+def _padded_to(batch: dict, length: int) -> dict:
+    return {k: jnp.pad(v, ((0, 0), (0, max(length - v.shape[1], 0)))) for k, v in batch.items()}
+
+
+def test_accumulated_micro_batches_make_the_update_of_one_batch_with_every_token_weighted_alike():
+    """Two micro-batches of different lengths and token counts, accumulated, give the update of their union: the
+    gradient sums are divided by the total token count (not averaged per micro-batch), and the step counts one
+    update. The reference is ``train_step`` on both micro-batches padded to one length and stacked as one batch."""
+    long, short = _batch(seed=1), _batch(seed=2)
+    short = {k: v[:, : v.shape[1] - 2] for k, v in short.items()}  # fewer tokens, shorter rows
+    short = {**short, "targets_out": short["targets_out"].at[:, -1].set(EOS)}
+    assert float(jnp.sum(long["targets_out"] != PAD)) != float(jnp.sum(short["targets_out"] != PAD))
+    union = {k: jnp.concatenate([_padded_to(long, n)[k], _padded_to(short, n)[k]])
+             for k, n in (("inputs", S), ("targets_in", T), ("targets_out", T))}  # fmt: skip
+    expected, expected_metrics = _step(CFG)(_state(), union, jax.random.key(1))
+
+    common = {"model_config": CFG, "label_smoothing": EPS_LS}
+    accumulate = _jit(functools.partial(accumulate_gradients, **common))
+    sums = _jit(start_accumulation)(_state().params)
+    for index, micro in enumerate((long, short)):
+        sums = accumulate(sums, _state().params, micro, jax.random.key(1), _state().step, index)
+    state, metrics = _jit(functools.partial(apply_gradients, tx=_tx()))(_state(), *sums)
+
+    assert int(state.step) == int(_state().step) + 1
+    for name in ("loss", "nll", "correct", "weight"):
+        np.testing.assert_allclose(metrics[name], expected_metrics[name], rtol=1e-6)
+    for (path, actual), want in zip(jax.tree_util.tree_leaves_with_path(state.params),
+                                    jax.tree.leaves(expected.params), strict=True):  # fmt: skip
+        if jax.tree_util.keystr(path).endswith("['b_k']"):
+            continue  # exact gradient 0 (softmax ignores q.b_k): Adam scales rounding noise up (test_parallel.py)
+        np.testing.assert_allclose(actual, want, rtol=1e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+    # Averaging per micro-batch instead would weigh the short micro-batch's tokens more: a different update.
+    grads = [jax.grad(lambda p, b=b: _reference_sums(p, b, CFG, EPS_LS, None)["loss"])(_state().params)
+             for b in (long, short)]  # fmt: skip
+    weights = [float(jnp.sum(b["targets_out"] != PAD)) for b in (long, short)]
+    per_batch_mean = jax.tree.map(lambda a, b: (a / weights[0] + b / weights[1]) / 2, *grads)
+    token_mean = jax.tree.map(lambda a, b: (a + b) / sum(weights), *grads)
+    assert not np.allclose(per_batch_mean["embedding"]["embedding"], token_mean["embedding"]["embedding"])

@@ -12,7 +12,7 @@ every step, about twice the work of a growing prefix, so the table also gives th
 Targets (issue 5): cached greedy >= 10x faster than the uncached baseline at 256 tokens with identical
 tokens; beam 4 <= 4.5x greedy's time per output token. Expected on the 2-core CPU: about 15 minutes idle,
 most of it the uncached baseline at 512 tokens (``--uncached-max-length 256`` saves ~6 minutes).
-Writes ``decoding.{json,md,png}`` (the format of ``experiments/bench_decoding.py``'s committed results).
+Writes ``decoding.{json,md,png}``.
 """
 
 import functools
