@@ -7,16 +7,18 @@ over plain parameter dicts; ``attn_jax.nn`` wraps them as Flax NNX modules. Shap
 
 from attn_jax.additive import additive_attention, init_additive_attention
 from attn_jax.attention import (
-    from_flax_linen_attention,
+    init_attention_cache,
     init_multi_head_attention,
     multi_head_attention,
     project_key_value,
     project_output,
     project_query,
     scaled_dot_product_attention,
+    self_attention_step,
 )
 from attn_jax.blocks import decoder_block, encoder_block, init_decoder_block, init_encoder_block
 from attn_jax.decoding import beam_search, greedy_decode, length_penalty, sample_language_model
+from attn_jax.interop import from_flax_linen_attention
 from attn_jax.layers import (
     dropout,
     embed,
@@ -31,7 +33,15 @@ from attn_jax.layers import (
     sinusoidal_positions,
 )
 from attn_jax.losses import cross_entropy_sums
-from attn_jax.masks import causal_mask, combine_masks, padding_mask, segment_mask, segment_positions
+from attn_jax.masks import (
+    causal_mask,
+    combine_masks,
+    key_padding_mask,
+    length_mask,
+    padding_mask,
+    segment_mask,
+    segment_positions,
+)
 from attn_jax.model import (
     count_params,
     decode,
@@ -85,6 +95,7 @@ __all__ = [
     "from_flax_linen_attention",
     "greedy_decode",
     "init_additive_attention",
+    "init_attention_cache",
     "init_decode_cache",
     "init_decoder_block",
     "init_embedding",
@@ -96,11 +107,13 @@ __all__ = [
     "init_multi_head_attention",
     "init_position_wise_ffn",
     "init_train_state",
+    "key_padding_mask",
     "init_transformer",
     "language_model",
     "language_model_step",
     "layer_norm",
     "learned_positions",
+    "length_mask",
     "length_penalty",
     "make_optimizer",
     "multi_head_attention",
@@ -114,6 +127,7 @@ __all__ = [
     "scaled_dot_product_attention",
     "segment_mask",
     "segment_positions",
+    "self_attention_step",
     "shared_logits",
     "sinusoidal_positions",
     "train_step",

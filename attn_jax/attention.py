@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from attn_jax import chunked as _chunked
-from attn_jax.masks import causal_mask, combine_masks
-from attn_jax.types import Array, AttentionParams, Bool, Float, PRNGKeyArray
+from attn_jax.masks import causal_mask, check_full_rank, combine_masks, flatten_batch, named_masks
+from attn_jax.types import Array, AttentionParams, Bool, Float, Int, PRNGKeyArray, ensure_static, upcast_dtype
 
 IMPLEMENTATIONS = ("xla", "chunked", "cudnn")
 
@@ -29,14 +29,17 @@ _CHUNKED_THRESHOLD = 2**27
 
 
 def scaled_dot_product_attention(
-    query: Float[Array, "B T N H"],
-    key: Float[Array, "B S K H"],
-    value: Float[Array, "B S K H"],
+    query: Float[Array, "*B T N H"],
+    key: Float[Array, "*B S K H"],
+    value: Float[Array, "*B S K H"],
     *,
     mask: Bool[Array, "..."] | None = None,
     bias: Float[Array, "..."] | None = None,
+    key_mask: Bool[Array, "*B S"] | None = None,
+    query_seq_lengths: Int[Array, "*B"] | None = None,
+    key_value_seq_lengths: Int[Array, "*B"] | None = None,
     causal: bool = False,
-    scale: float | None = None,
+    scale: float | Float[Array, ""] | None = None,
     dropout_rate: float = 0.0,
     dropout_rng: PRNGKeyArray | None = None,
     implementation: str | None = None,
@@ -44,15 +47,28 @@ def scaled_dot_product_attention(
 ):
     """softmax(Q K^T * scale + bias) V over the keys a query may attend to (paper equation 1).
 
-    The logits and the softmax are computed in float32 whatever the input dtype; the result has the query's
-    dtype. A query that may attend to no key gets zeros (and zero gradients), never NaN.
+    Any number of leading batch axes ``*B`` (none: ``[T, N, H]``, as ``jax.nn.dot_product_attention``
+    accepts), so ``jax.vmap`` and per-example code work. The logits and the softmax are computed in
+    ``promote(float32, dtype)`` (float32 for bfloat16, float64 for float64); the result has the query's dtype.
+    A query that may attend to no key gets zeros (and zero gradients), never NaN.
+
+    Masks are given by name, so none can broadcast onto the wrong axes: ``mask`` and ``bias`` have the full rank
+    of the logits ``[*B, N, T, S]`` (size-1 axes broadcast; a lower rank is refused, since a ``[B, S]`` padding
+    mask would silently broadcast as ``[T, S]``); a per-key padding mask is ``key_mask=[*B, S]``; lengths are
+    ``query_seq_lengths`` / ``key_value_seq_lengths`` ``[*B]`` (as ``jax.nn``). All given masks are ANDed.
+
+    Forward-mode differentiation (``jax.jvp``, ``jacfwd``, ``hessian``) works through ``"xla"`` (chosen by
+    ``implementation=None`` below 2**27 logits) but not through ``"chunked"``: see ``attn_jax.chunked``.
 
     Args:
-      query: ``[B, T, N, H]``.
-      key: ``[B, S, K, H]``; ``N`` must be a multiple of ``K`` (grouped-query attention when ``K < N``).
-      value: ``[B, S, K, H]``.
-      mask: boolean, True = attend, broadcastable to ``[B, N, T, S]``.
-      bias: added to the logits before masking, broadcastable to ``[B, N, T, S]``.
+      query: ``[*B, T, N, H]``.
+      key: ``[*B, S, K, H]``; ``N`` must be a multiple of ``K`` (grouped-query attention when ``K < N``).
+      value: ``[*B, S, K, H]``.
+      mask: boolean, True = attend, ``[*B|1, N|1, T|1, S|1]`` (full rank).
+      bias: added to the logits before masking, ``[*B|1, N|1, T|1, S|1]`` (full rank).
+      key_mask: ``[*B, S]``, True at keys that may be attended (False = padding).
+      query_seq_lengths: ``[*B]`` number of real queries; later queries attend to nothing (zeros).
+      key_value_seq_lengths: ``[*B]`` number of real keys.
       causal: also mask key ``s > t`` (top-left aligned, see ``attn_jax.causal_mask``).
       scale: multiplies the logits; defaults to ``1 / sqrt(H)``.
       dropout_rate: dropout on the attention weights, applied only when ``dropout_rng`` is given.
@@ -61,7 +77,7 @@ def scaled_dot_product_attention(
       return_weights: also return the attention weights (``"xla"`` only).
 
     Returns:
-      ``[B, T, N, H]``, and with ``return_weights`` also the weights ``[B, N, T, S]`` (float32).
+      ``[*B, T, N, H]``, and with ``return_weights`` also the weights ``[*B, N, T, S]`` (compute dtype).
 
     Example:
       >>> import numpy as np
@@ -69,14 +85,42 @@ def scaled_dot_product_attention(
       >>> out = scaled_dot_product_attention(q, k, v)  # equal logits: each query gets the mean of the values
       >>> np.asarray(out[0, :, 0], np.float64).round(4).tolist()
       [[4.0, 5.0, 6.0, 7.0], [4.0, 5.0, 6.0, 7.0]]
+      >>> scaled_dot_product_attention(q[0], k[0], v[0], key_mask=jnp.array([True, False, False]))[:, 0].tolist()
+      [[0.0, 1.0, 2.0, 3.0], [0.0, 1.0, 2.0, 3.0]]
     """
-    B, T, N, H = _check_shapes(query, key, value)
-    S = key.shape[1]
-    mask = _as_rank4(mask, "mask", (B, N, T, S))
-    bias = _as_rank4(bias, "bias", (B, N, T, S))
+    ensure_static(
+        "scaled_dot_product_attention", causal=causal, dropout_rate=dropout_rate, implementation=implementation,
+        return_weights=return_weights,
+    )  # fmt: skip
+    batch, (T, N, H) = _check_shapes(query, key, value)
+    S = key.shape[-3]
+    full = (*batch, N, T, S)
     if mask is not None and mask.dtype != jnp.bool_:
         raise TypeError(f"mask must be boolean (True = attend), got dtype {mask.dtype}")
-    scale = 1.0 / math.sqrt(H) if scale is None else scale
+    mask = check_full_rank(mask, "mask", full)
+    bias = check_full_rank(bias, "bias", full)
+    mask = combine_masks(mask, named_masks(batch, T, S, key_mask, query_seq_lengths, key_value_seq_lengths))
+    # Flatten the batch axes to one: [*B, ...] -> [B, ...] (B = 1 for unbatched inputs).
+    B = math.prod(batch)
+    query, key, value = (x.reshape(B, *x.shape[len(batch) :]) for x in (query, key, value))
+    mask, bias = (None if x is None else flatten_batch(x, batch) for x in (mask, bias))
+    result = _attention(
+        query, key, value, mask=mask, bias=bias, causal=causal, scale=1.0 / math.sqrt(H) if scale is None else scale,
+        dropout_rate=dropout_rate, dropout_rng=dropout_rng, implementation=implementation,
+        return_weights=return_weights,
+    )  # fmt: skip
+    if return_weights:
+        out, weights = result
+        return out.reshape(*batch, T, N, H), weights.reshape(full)
+    return result.reshape(*batch, T, N, H)
+
+
+def _attention(
+    query, key, value, *, mask, bias, causal, scale, dropout_rate, dropout_rng, implementation, return_weights
+):
+    """The three implementations on ``[B, T, N, H]`` inputs and rank-4 masks."""
+    B, T, N, _ = query.shape
+    S = key.shape[1]
     use_dropout = dropout_rate > 0.0 and dropout_rng is not None
     if not 0.0 <= dropout_rate < 1.0:
         raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
@@ -87,6 +131,8 @@ def scaled_dot_product_attention(
         raise ValueError(f"return_weights=True needs implementation='xla', not {implementation!r}")
     rate = dropout_rate if use_dropout else 0.0
     if implementation == "chunked":
+        if isinstance(scale, jax.core.Tracer):  # the chunked kernel's scale is static: fold a traced one into Q
+            query, scale = query * scale.astype(query.dtype), 1.0
         return _chunked.chunked_attention(
             query, key, value, mask=mask, bias=bias, causal=causal, scale=scale,
             dropout_rate=rate, dropout_rng=dropout_rng,
@@ -99,32 +145,21 @@ def scaled_dot_product_attention(
     return (out, weights) if return_weights else out
 
 
-def _check_shapes(query, key, value) -> tuple[int, int, int, int]:
+def _check_shapes(query, key, value) -> tuple[tuple[int, ...], tuple[int, int, int]]:
+    """``(batch axes *B, (T, N, H))`` after checking that the three inputs agree."""
     for name, x in (("query", query), ("key", key), ("value", value)):
-        if x.ndim != 4:
-            raise ValueError(f"{name} must be [B, T|S, heads, H], got shape {x.shape}")
-    B, T, N, H = query.shape
+        if x.ndim < 3:
+            raise ValueError(f"{name} must be [*B, T|S, heads, H], got shape {x.shape}")
     if key.shape != value.shape:
-        raise ValueError(f"key {key.shape} and value {value.shape} must have the same shape [B, S, K, H]")
-    if key.shape[0] != B or key.shape[3] != H:
-        raise ValueError(f"key {key.shape} does not match query {query.shape}: batch and head dim must agree")
-    if N % key.shape[2]:
-        raise ValueError(f"query heads N={N} must be a multiple of key/value heads K={key.shape[2]}")
-    if T == 0 or key.shape[1] == 0:
-        raise ValueError(f"empty sequence: query length {T}, key length {key.shape[1]}")
-    return B, T, N, H
-
-
-def _as_rank4(x, name: str, full: tuple[int, int, int, int]):
-    """Left-pads ``x`` with unit axes to rank 4 (numpy broadcasting) and checks it broadcasts to ``full``."""
-    if x is None:
-        return None
-    if x.ndim > 4:
-        raise ValueError(f"{name} has rank {x.ndim}; it must broadcast to [B, N, T, S] = {full}")
-    x = x.reshape((1,) * (4 - x.ndim) + x.shape)
-    if any(d not in (1, f) for d, f in zip(x.shape, full, strict=True)):
-        raise ValueError(f"{name} of shape {x.shape} does not broadcast to [B, N, T, S] = {full}")
-    return x
+        raise ValueError(f"key {key.shape} and value {value.shape} must have the same shape [*B, S, K, H]")
+    *batch, T, N, H = query.shape
+    if key.ndim != query.ndim or tuple(key.shape[:-3]) != tuple(batch) or key.shape[-1] != H:
+        raise ValueError(f"key {key.shape} does not match query {query.shape}: batch axes and head dim must agree")
+    if N % key.shape[-2]:
+        raise ValueError(f"query heads N={N} must be a multiple of key/value heads K={key.shape[-2]}")
+    if T == 0 or key.shape[-3] == 0:
+        raise ValueError(f"empty sequence: query length {T}, key length {key.shape[-3]}")
+    return tuple(batch), (T, N, H)
 
 
 def _choose_implementation(implementation, logits_shape, *, return_weights, dropout, dtype) -> str:
@@ -149,20 +184,22 @@ def _group_heads(x, K: int):
 def _xla_attention(query, key, value, mask, bias, scale, dropout_rate, dropout_rng):
     B, T, N, H = query.shape
     K = key.shape[2]
+    compute = upcast_dtype(query.dtype)
     q = query.reshape(B, T, K, N // K, H)  # [B, T, N, H] -> [B, T, K, G, H]
-    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, key, preferred_element_type=jnp.float32) * scale
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, key, preferred_element_type=compute)
+    logits = logits * jnp.asarray(scale, compute)
     if bias is not None:
-        logits = logits + _group_heads(bias, K).astype(jnp.float32)
+        logits = logits + _group_heads(bias, K).astype(compute)
     mask = _group_heads(mask, K)
     if mask is not None:
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+        logits = jnp.where(mask, logits, jnp.finfo(compute).min)
     weights = jax.nn.softmax(logits, axis=-1)
     if mask is not None:
         # A row with nothing to attend to has a uniform softmax over finfo.min; zero it instead.
-        weights = jnp.where(jnp.any(mask, axis=-1, keepdims=True), weights, 0.0)
+        weights = jnp.where(jnp.any(mask, axis=-1, keepdims=True), weights, jnp.zeros((), compute))
     if dropout_rate > 0.0:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
-        weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+        weights = jnp.where(keep, weights / jnp.asarray(1.0 - dropout_rate, compute), jnp.zeros((), compute))
     out = jnp.einsum("BKGTS,BSKH->BTKGH", weights.astype(value.dtype), value)
     # [B, T, K, G, H] -> [B, T, N, H];  [B, K, G, T, S] -> [B, N, T, S]
     return out.reshape(B, T, N, H), weights.reshape(B, N, T, key.shape[1])
@@ -247,72 +284,96 @@ def init_multi_head_attention(
     return params
 
 
-def project_query(params: AttentionParams, x: Float[Array, "B T D"]) -> Float[Array, "B T N H"]:
+def _lift(b, ndim: int):
+    """A bias ``[N, H]`` or ``[D]`` with unit axes in front, to add to a rank-``ndim`` array explicitly."""
+    return b.reshape((1,) * (ndim - b.ndim) + b.shape)
+
+
+def project_query(params: AttentionParams, x: Float[Array, "*B T D"]) -> Float[Array, "*B T N H"]:
     """Q = x W^Q (+ b_q), one slice per head."""
-    q = jnp.einsum("BTD,DNH->BTNH", x, params["w_q"].astype(x.dtype))
-    return q + params["b_q"].astype(x.dtype)[None, None] if "b_q" in params else q
+    q = jnp.einsum("...TD,DNH->...TNH", x, params["w_q"].astype(x.dtype))
+    return q + _lift(params["b_q"].astype(x.dtype), q.ndim) if "b_q" in params else q
 
 
 def project_key_value(
-    params: AttentionParams, x: Float[Array, "B S D"]
-) -> tuple[Float[Array, "B S K H"], Float[Array, "B S K H"]]:
-    """K = x W^K (+ b_k) and V = x W^V (+ b_v); cached once per source sentence when decoding."""
-    k = jnp.einsum("BSD,DKH->BSKH", x, params["w_k"].astype(x.dtype))
-    v = jnp.einsum("BSD,DKH->BSKH", x, params["w_v"].astype(x.dtype))
+    params: AttentionParams, x: Float[Array, "*B S D"], x_v: Float[Array, "*B S D"] | None = None
+) -> tuple[Float[Array, "*B S K H"], Float[Array, "*B S K H"]]:
+    """K = x W^K (+ b_k) and V = x_v W^V (+ b_v), ``x_v`` defaulting to ``x``; cached once per source sentence."""
+    x_v = x if x_v is None else x_v
+    k = jnp.einsum("...SD,DKH->...SKH", x, params["w_k"].astype(x.dtype))
+    v = jnp.einsum("...SD,DKH->...SKH", x_v, params["w_v"].astype(x_v.dtype))
     if "b_k" in params:
-        k = k + params["b_k"].astype(x.dtype)[None, None]
-        v = v + params["b_v"].astype(x.dtype)[None, None]
+        k = k + _lift(params["b_k"].astype(x.dtype), k.ndim)
+        v = v + _lift(params["b_v"].astype(x_v.dtype), v.ndim)
     return k, v
 
 
-def project_output(params: AttentionParams, heads: Float[Array, "B T N H"]) -> Float[Array, "B T D"]:
+def project_output(params: AttentionParams, heads: Float[Array, "*B T N H"]) -> Float[Array, "*B T D"]:
     """Concat(head_1..head_h) W^O (+ b_o): the concatenation is the contraction over ``N H``."""
-    out = jnp.einsum("BTNH,NHD->BTD", heads, params["w_o"].astype(heads.dtype))
-    return out + params["b_o"].astype(heads.dtype)[None, None] if "b_o" in params else out
+    out = jnp.einsum("...TNH,NHD->...TD", heads, params["w_o"].astype(heads.dtype))
+    return out + _lift(params["b_o"].astype(heads.dtype), out.ndim) if "b_o" in params else out
 
 
 def multi_head_attention(
     params: AttentionParams,
-    inputs_q: Float[Array, "B T D"],
-    inputs_kv: Float[Array, "B S D"],
+    inputs_q: Float[Array, "*B T D"],
+    inputs_k: Float[Array, "*B S D"] | None = None,
+    inputs_v: Float[Array, "*B S D"] | None = None,
     *,
     mask: Bool[Array, "..."] | None = None,
+    bias: Float[Array, "..."] | None = None,
+    key_mask: Bool[Array, "*B S"] | None = None,
+    query_seq_lengths: Int[Array, "*B"] | None = None,
+    key_value_seq_lengths: Int[Array, "*B"] | None = None,
     causal: bool = False,
+    scale: float | Float[Array, ""] | None = None,
     dropout_rate: float = 0.0,
     dropout_rng: PRNGKeyArray | None = None,
     implementation: str | None = None,
     return_weights: bool = False,
 ):
-    """MultiHead(Q, K, V) with Q from ``inputs_q`` and K, V from ``inputs_kv`` (self-attention: the same array).
+    """MultiHead(Q, K, V) with Q from ``inputs_q``, K from ``inputs_k`` and V from ``inputs_v``.
+
+    ``inputs_k`` defaults to ``inputs_q`` (self-attention) and ``inputs_v`` to ``inputs_k`` (the paper's
+    encoder-decoder attention reads keys and values from the same memory), as in ``flax.nnx.MultiHeadAttention``.
+    Any number of leading batch axes, none included (``jax.vmap`` over ``[T, D]`` examples works).
 
     Args:
       params: from ``init_multi_head_attention``.
-      inputs_q: ``[B, T, D]``.
-      inputs_kv: ``[B, S, D]``.
-      mask: boolean, True = attend, broadcastable to ``[B, N, T, S]``.
-      causal: mask keys after the query position.
+      inputs_q: ``[*B, T, D]``.
+      inputs_k: ``[*B, S, D]``, or None for ``inputs_q``.
+      inputs_v: ``[*B, S, D]``, or None for ``inputs_k``.
+      mask, bias, key_mask, query_seq_lengths, key_value_seq_lengths, causal, scale: see
+        ``scaled_dot_product_attention`` (``mask`` and ``bias`` have the full rank ``[*B, N, T, S]``).
       dropout_rate: dropout on the attention weights (only with ``dropout_rng``).
       dropout_rng: PRNG key for that dropout.
       implementation: see ``scaled_dot_product_attention``.
-      return_weights: also return the weights ``[B, N, T, S]``.
+      return_weights: also return the weights ``[*B, N, T, S]``.
 
     Returns:
-      ``[B, T, D]`` (and the weights with ``return_weights``).
+      ``[*B, T, D]`` (and the weights with ``return_weights``).
 
     Example:
       >>> p = init_multi_head_attention(jax.random.key(0), 8, 2)
       >>> multi_head_attention(p, jnp.ones((3, 5, 8)), jnp.ones((3, 7, 8))).shape
       (3, 5, 8)
+      >>> jax.vmap(lambda x: multi_head_attention(p, x))(jnp.ones((3, 5, 8))).shape  # per-example self-attention
+      (3, 5, 8)
     """
-    if inputs_q.shape[-1] != params["w_q"].shape[0] or inputs_kv.shape[-1] != params["w_k"].shape[0]:
+    inputs_k = inputs_q if inputs_k is None else inputs_k
+    inputs_v = inputs_k if inputs_v is None else inputs_v
+    D = params["w_q"].shape[0]
+    if any(x.shape[-1] != D for x in (inputs_q, inputs_k, inputs_v)):
         raise ValueError(
-            f"inputs_q {inputs_q.shape} / inputs_kv {inputs_kv.shape} do not end in d_model={params['w_q'].shape[0]}"
+            f"inputs_q {inputs_q.shape} / inputs_k {inputs_k.shape} / inputs_v {inputs_v.shape} do not end in "
+            f"d_model={D}"
         )
     q = project_query(params, inputs_q)
-    k, v = project_key_value(params, inputs_kv)
+    k, v = project_key_value(params, inputs_k, inputs_v)
     result = scaled_dot_product_attention(
-        q, k, v, mask=mask, causal=causal, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
-        implementation=implementation, return_weights=return_weights,
+        q, k, v, mask=mask, bias=bias, key_mask=key_mask, query_seq_lengths=query_seq_lengths,
+        key_value_seq_lengths=key_value_seq_lengths, causal=causal, scale=scale, dropout_rate=dropout_rate,
+        dropout_rng=dropout_rng, implementation=implementation, return_weights=return_weights,
     )  # fmt: skip
     if return_weights:
         heads, weights = result
@@ -320,32 +381,63 @@ def multi_head_attention(
     return project_output(params, result)
 
 
-def from_flax_linen_attention(variables) -> AttentionParams:
-    """Maps ``flax.linen.MultiHeadDotProductAttention`` variables onto this module's parameter dict.
+# ----------------------------------------------------------------------------------------------------------
+# Self-attention one step at a time, on a key/value cache
+# ----------------------------------------------------------------------------------------------------------
 
-    Linen's ``DenseGeneral`` kernels already have our layout (query/key/value ``[D, N, H]``, out ``[N, H, D]``),
-    so this only renames keys.
 
-    Args:
-      variables: the module's variables, with or without the top-level ``"params"`` collection.
+def init_attention_cache(params: AttentionParams, batch_shape: tuple[int, ...], max_len: int, *, dtype=jnp.float32):
+    """An empty key/value cache for ``self_attention_step``.
 
     Returns:
-      ``AttentionParams``, with biases when the Linen module had them.
+      ``{"k": [*B, max_len, K, H], "v": [*B, max_len, K, H], "index": int32 scalar}`` (the next position).
+    """
+    _, K, H = params["w_k"].shape
+    shape = (*batch_shape, max_len, K, H)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "index": jnp.zeros((), jnp.int32)}
+
+
+def self_attention_step(
+    params: AttentionParams,
+    cache: dict,
+    inputs: Float[Array, "*B T D"],
+    *,
+    dropout_rate: float = 0.0,
+    dropout_rng: PRNGKeyArray | None = None,
+    implementation: str | None = None,
+) -> tuple[Float[Array, "*B T D"], dict]:
+    """Causal self-attention for the next ``T`` positions (usually one), reusing the cached keys and values.
+
+    Equals ``multi_head_attention(params, x, causal=True)`` at those positions when ``x`` is the whole prefix; the
+    caller keeps ``index + T <= max_len`` (under ``jit`` the index is traced, so an overflow cannot raise).
+
+    Args:
+      params: from ``init_multi_head_attention``.
+      cache: from ``init_attention_cache`` or a previous step.
+      inputs: ``[*B, T, D]`` the next positions' inputs.
+      dropout_rate, dropout_rng, implementation: as for ``scaled_dot_product_attention``.
+
+    Returns:
+      ``(outputs [*B, T, D], the updated cache)``.
 
     Example:
-      >>> import flax.linen as nn
-      >>> m = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8)
-      >>> v = m.init(jax.random.key(0), jnp.ones((1, 3, 8)))
-      >>> sorted(from_flax_linen_attention(v))
-      ['b_k', 'b_o', 'b_q', 'b_v', 'w_k', 'w_o', 'w_q', 'w_v']
+      >>> p = init_multi_head_attention(jax.random.key(0), 8, 2)
+      >>> x = jax.random.normal(jax.random.key(1), (3, 8))
+      >>> y0, cache = self_attention_step(p, init_attention_cache(p, (), 4), x[:1])
+      >>> y1, cache = self_attention_step(p, cache, x[1:2])
+      >>> bool(jnp.allclose(y1, multi_head_attention(p, x[:2], causal=True)[1:], atol=1e-6))
+      True
     """
-    linen = variables.get("params", variables)
-    names = {"q": "query", "k": "key", "v": "value", "o": "out"}
-    missing = [n for n in names.values() if n not in linen]
-    if missing:
-        raise KeyError(f"not MultiHeadDotProductAttention variables: missing {missing}, found {sorted(linen)}")
-    params = {f"w_{ours}": jnp.asarray(linen[theirs]["kernel"]) for ours, theirs in names.items()}
-    params |= {
-        f"b_{ours}": jnp.asarray(linen[theirs]["bias"]) for ours, theirs in names.items() if "bias" in linen[theirs]
-    }
-    return params
+    index, max_len = cache["index"], cache["k"].shape[-3]
+    T = inputs.shape[-2]
+    k, v = project_key_value(params, inputs)
+    k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), index, axis=k.ndim - 3)
+    v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, axis=v.ndim - 3)
+    # Query index + t attends to cached keys 0 .. index + t: [T, max_len] -> [1, ..., 1, T, max_len].
+    allowed = jnp.arange(max_len)[None, :] <= (index + jnp.arange(T))[:, None]
+    mask = allowed.reshape((1,) * (inputs.ndim - 1) + allowed.shape)
+    heads = scaled_dot_product_attention(
+        project_query(params, inputs), k, v, mask=mask, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+        implementation=implementation,
+    )  # fmt: skip
+    return project_output(params, heads), {"k": k, "v": v, "index": index + T}

@@ -15,8 +15,14 @@ backward pass recomputes each block's probabilities ``P = exp(s - lse)`` and use
 ``D = rowsum(dO * O)``, ``dS = P * (dP - D)``. Peak memory is ``O((T + S) N H)`` plus one ``B N cq ck`` block.
 
 Grouped-query attention reads key/value head ``n // G`` for query head ``n`` by viewing the query as
-``[B, T, K, G, H]``; keys and values are never repeated. Forward-mode differentiation (``jax.jvp``) is not
-available through the ``custom_vjp``.
+``[B, T, K, G, H]``; keys and values are never repeated.
+
+Forward mode (``jax.jvp``, ``jacfwd``, ``hessian``, ``jax.linearize``) is not available here, by design: JAX cannot
+attach both a ``custom_vjp`` and a forward rule to one function, and the linear-memory backward above needs the
+``custom_vjp`` (reverse mode derived by JAX would keep every block's probabilities, O(T S) memory, and a
+``custom_jvp`` rule's transpose cannot be the hand-written backward). JAX then raises "can't apply forward-mode
+autodiff (jvp) to a custom_vjp function". ``scaled_dot_product_attention`` with ``implementation="xla"`` (what
+``None`` picks below 2**27 logits) supports both modes with the same results.
 """
 
 import dataclasses
@@ -26,16 +32,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from attn_jax.types import Array, Bool, Float, PRNGKeyArray
+from attn_jax.types import Array, Bool, Float, PRNGKeyArray, upcast_dtype
 
 # One float32 block is B*N*cq*ck*4 bytes: 16 MiB at B=1, N=8, and the backward pass holds about four. At
 # T = S = 8192 that keeps the compiled temporary memory at 1/67 of the "xla" path's (the paper's TPU choice,
-# 1024 x 4096, gives only 1/11; see experiments/results/attention_memory.md), while each loop step is still a
+# 1024 x 4096, gives only 1/11: the chunk sweep in experiments/results/attention.md), while each loop step is still a
 # (512 x H) @ (H x 1024) matmul, large enough to amortise the per-iteration overhead on an accelerator.
 QUERY_CHUNK_SIZE = 512
 KEY_CHUNK_SIZE = 1024
-
-_NEG = jnp.finfo(jnp.float32).min  # the "xla" path's fill for masked logits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +55,16 @@ class _Config:
     ck: int  # key chunk size
     nq: int  # number of query chunks
     nk: int  # number of key chunks
+    dtype: str  # compute dtype of logits, softmax and accumulators: promote(float32, input dtype)
+
+    @property
+    def compute(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def neg(self):
+        """The "xla" path's fill for masked logits."""
+        return jnp.finfo(self.compute).min
 
 
 def chunked_attention(
@@ -69,7 +83,8 @@ def chunked_attention(
 ) -> Float[Array, "B T N H"]:
     """softmax(Q K^T * scale + bias) V in blocks, with memory linear in ``T`` and ``S``.
 
-    Same semantics as ``scaled_dot_product_attention(..., implementation="xla")``: float32 softmax, output in
+    Same semantics as ``scaled_dot_product_attention(..., implementation="xla")``: softmax in
+    ``promote(float32, dtype)``, output in
     the query's dtype, zeros (and zero gradients) for a query that may attend to no key. Lengths need not
     divide the chunk sizes: the chunks are balanced and the remainder is padded and masked.
 
@@ -104,7 +119,8 @@ def chunked_attention(
     S, K = key.shape[1], key.shape[2]
     cq, nq = _chunk_layout(T, query_chunk_size)
     ck, nk = _chunk_layout(S, key_chunk_size)
-    cfg = _Config(bool(causal), float(scale), float(dropout_rate), T, S, cq, ck, nq, nk)
+    compute = upcast_dtype(query.dtype).name
+    cfg = _Config(bool(causal), float(scale), float(dropout_rate), T, S, cq, ck, nq, nk, compute)
     q = _pad_axis(query, 1, nq * cq, 0).reshape(B, nq * cq, K, N // K, H)  # [B, T, N, H] -> [B, T, K, G, H]
     k = _pad_axis(key, 1, nk * ck, 0)
     v = _pad_axis(value, 1, nk * ck, 0)
@@ -163,11 +179,17 @@ def _block_shape(x, cfg: _Config) -> tuple[int, ...]:
 
 def _slice_block(x, i, j, cfg: _Config):
     """Block (i, j) of a ``[B|1, K|1, G|1, Tp|1, Sp|1]`` mask or bias."""
-    return lax.dynamic_slice(x, (0, 0, 0, *_block_start(x, i, j, cfg)), _block_shape(x, cfg))
+    return lax.dynamic_slice(x, _indices(0, 0, 0, *_block_start(x, i, j, cfg)), _block_shape(x, cfg))
+
+
+def _indices(*values):
+    """Slice starts of one integer type (loop indices are int64 under jax_enable_x64, constants int32)."""
+    return tuple(jnp.asarray(v, jnp.int32) for v in values)
 
 
 def _allowed(cfg: _Config, mask, i, j):
     """Boolean ``[B|1, K|1, G|1, cq, ck]`` "may attend" for block (i, j), or None when nothing is masked."""
+    i, j = (jnp.asarray(x, jnp.int32) for x in (i, j))  # loop indices are int64 under jax_enable_x64
     t = i * cfg.cq + lax.broadcasted_iota(jnp.int32, (1, 1, 1, cfg.cq, cfg.ck), 3)
     s = j * cfg.ck + lax.broadcasted_iota(jnp.int32, (1, 1, 1, cfg.cq, cfg.ck), 4)
     allowed = None if mask is None else _slice_block(mask, i, j, cfg)
@@ -179,13 +201,13 @@ def _allowed(cfg: _Config, mask, i, j):
 
 
 def _block_logits(cfg: _Config, q_i, k_j, mask, bias, i, j):
-    """Masked float32 logits ``[B, K, G, cq, ck]`` of block (i, j) and its "may attend" mask (or None)."""
-    s = jnp.einsum("BTKGH,BSKH->BKGTS", q_i, k_j, preferred_element_type=jnp.float32) * cfg.scale
+    """Masked logits (compute dtype) ``[B, K, G, cq, ck]`` of block (i, j) and its "may attend" mask (or None)."""
+    s = jnp.einsum("BTKGH,BSKH->BKGTS", q_i, k_j, preferred_element_type=cfg.compute) * cfg.scale
     if bias is not None:
-        s = s + _slice_block(bias, i, j, cfg).astype(jnp.float32)
+        s = s + _slice_block(bias, i, j, cfg).astype(cfg.compute)
     allowed = _allowed(cfg, mask, i, j)
     if allowed is not None:
-        s = jnp.where(allowed, s, _NEG)
+        s = jnp.where(allowed, s, cfg.neg)
     return s, allowed
 
 
@@ -222,20 +244,20 @@ def _forward(cfg: _Config, q, k, v, mask, bias, rng):
             s, allowed = _block_logits(cfg, q_i, k_j, mask, bias, i, j)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             p = jnp.exp(s - m_new[..., None])
-            if allowed is not None:  # a row masked so far has m_new = _NEG, so exp(0) = 1 must be zeroed
+            if allowed is not None:  # a row masked so far has m_new = neg, so exp(0) = 1 must be zeroed
                 p = jnp.where(allowed, p, 0.0)
             alpha = jnp.exp(m - m_new)
             l = l * alpha + jnp.sum(p, axis=-1)
             keep = _dropout_keep(cfg, rng, i, j, p.shape)
             if keep is not None:  # dropout after normalisation: l sums the undropped weights
                 p = jnp.where(keep, p / (1.0 - cfg.dropout_rate), 0.0)
-            pv = jnp.einsum("BKGTS,BSKH->BKGTH", p.astype(v.dtype), v_j, preferred_element_type=jnp.float32)
+            pv = jnp.einsum("BKGTS,BSKH->BKGTH", p.astype(v.dtype), v_j, preferred_element_type=cfg.compute)
             return acc * alpha[..., None] + pv, m_new, l
 
         init = (
-            jnp.zeros((B, K, G, cfg.cq, H), jnp.float32),
-            jnp.full((B, K, G, cfg.cq), _NEG, jnp.float32),
-            jnp.zeros((B, K, G, cfg.cq), jnp.float32),
+            jnp.zeros((B, K, G, cfg.cq, H), cfg.compute),
+            jnp.full((B, K, G, cfg.cq), cfg.neg, cfg.compute),
+            jnp.zeros((B, K, G, cfg.cq), cfg.compute),
         )
         acc, m, l = lax.fori_loop(0, _key_chunk_end(cfg, i), key_chunk, init)
         seen = l > 0.0  # False only for a query that may attend to no key: output zeros, not 0/0
@@ -243,7 +265,7 @@ def _forward(cfg: _Config, q, k, v, mask, bias, rng):
         lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
         return out.astype(q.dtype), lse
 
-    out, lse = lax.map(query_chunk, jnp.arange(cfg.nq))  # [nq, B, K, G, cq, H], [nq, B, K, G, cq]
+    out, lse = lax.map(query_chunk, jnp.arange(cfg.nq, dtype=jnp.int32))  # [nq, B, K, G, cq, H], [nq, B, K, G, cq]
     out = out.transpose(1, 0, 4, 2, 3, 5).reshape(q.shape)  # [nq, B, K, G, cq, H] -> [B, nq*cq, K, G, H]
     lse = jnp.moveaxis(lse, 0, 3).reshape(B, K, G, -1)  # [nq, B, K, G, cq] -> [B, K, G, nq*cq]
     return out, lse
@@ -271,7 +293,7 @@ def _block_grad_logits(cfg: _Config, q_i, k_j, v_j, do_i, lse_i, delta_i, mask, 
     p = jnp.exp(s - lse_i[..., None])
     if allowed is not None:  # also zeroes the rows that attend to nothing (their lse is 0, not -inf)
         p = jnp.where(allowed, p, 0.0)
-    dp = jnp.einsum("BTKGH,BSKH->BKGTS", do_i, v_j, preferred_element_type=jnp.float32)
+    dp = jnp.einsum("BTKGH,BSKH->BKGTS", do_i, v_j, preferred_element_type=cfg.compute)
     keep = _dropout_keep(cfg, rng, i, j, p.shape)
     if keep is None:
         return p * (dp - delta_i[..., None]), p
@@ -285,7 +307,7 @@ def _attention_bwd(cfg: _Config, residuals, d_out):
     q, k, v, mask, bias, rng, out, lse = residuals
     B, _, K, G, H = q.shape
     # D = rowsum(dO * O) = rowsum(P * dP), also with dropout (O is the dropped output).
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+    delta = jnp.sum(d_out.astype(cfg.compute) * out.astype(cfg.compute), axis=-1)
     delta = jnp.moveaxis(delta, 1, 3)  # [B, Tp, K, G] -> [B, K, G, Tp]
 
     def key_chunk(carry, j):
@@ -300,10 +322,10 @@ def _attention_bwd(cfg: _Config, residuals, d_out):
             delta_i = lax.dynamic_slice_in_dim(delta, i * cfg.cq, cfg.cq, axis=3)
             ds, p_dropped = _block_grad_logits(cfg, q_i, k_j, v_j, do_i, lse_i, delta_i, mask, bias, rng, i, j)
             dv_j += jnp.einsum(
-                "BKGTS,BTKGH->BSKH", p_dropped.astype(d_out.dtype), do_i, preferred_element_type=jnp.float32
+                "BKGTS,BTKGH->BSKH", p_dropped.astype(d_out.dtype), do_i, preferred_element_type=cfg.compute
             )
-            dk_j += jnp.einsum("BKGTS,BTKGH->BSKH", ds.astype(q.dtype), q_i, preferred_element_type=jnp.float32)
-            dq_i = jnp.einsum("BKGTS,BSKH->BTKGH", ds.astype(k.dtype), k_j, preferred_element_type=jnp.float32)
+            dk_j += jnp.einsum("BKGTS,BTKGH->BSKH", ds.astype(q.dtype), q_i, preferred_element_type=cfg.compute)
+            dq_i = jnp.einsum("BKGTS,BSKH->BTKGH", ds.astype(k.dtype), k_j, preferred_element_type=cfg.compute)
             dq = _add_at(dq, dq_i * cfg.scale, (0, i * cfg.cq, 0, 0, 0))
             if d_bias is not None:
                 block = _reduce_to(ds, _block_shape(bias, cfg))
@@ -311,14 +333,14 @@ def _attention_bwd(cfg: _Config, residuals, d_out):
             return dk_j, dv_j, dq, d_bias
 
         dq, d_bias = carry
-        zeros = jnp.zeros((B, cfg.ck, K, H), jnp.float32)
+        zeros = jnp.zeros((B, cfg.ck, K, H), cfg.compute)
         init = (zeros, zeros, dq, d_bias)
         dk_j, dv_j, dq, d_bias = lax.fori_loop(_query_chunk_start(cfg, j), cfg.nq, query_chunk, init)
         return (dq, d_bias), (dk_j * cfg.scale, dv_j)
 
-    d_bias = None if bias is None else jnp.zeros(bias.shape, jnp.float32)
-    init = (jnp.zeros(q.shape, jnp.float32), d_bias)
-    (dq, d_bias), (dk, dv) = lax.scan(key_chunk, init, jnp.arange(cfg.nk))
+    d_bias = None if bias is None else jnp.zeros(bias.shape, cfg.compute)
+    init = (jnp.zeros(q.shape, cfg.compute), d_bias)
+    (dq, d_bias), (dk, dv) = lax.scan(key_chunk, init, jnp.arange(cfg.nk, dtype=jnp.int32))
     dk = jnp.moveaxis(dk, 0, 1).reshape(k.shape)  # [nk, B, ck, K, H] -> [B, nk*ck, K, H]
     dv = jnp.moveaxis(dv, 0, 1).reshape(v.shape)
     d_bias = None if bias is None else d_bias.astype(bias.dtype)
@@ -327,6 +349,7 @@ def _attention_bwd(cfg: _Config, residuals, d_out):
 
 def _add_at(x, update, start):
     """``x[start : start + update.shape] += update``, in place inside a loop."""
+    start = _indices(*start)
     current = lax.dynamic_slice(x, start, update.shape)
     return lax.dynamic_update_slice(x, current + update, start)
 

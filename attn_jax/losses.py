@@ -5,7 +5,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from attn_jax.types import Array, Float, Int
+from attn_jax.types import Array, Float, Int, upcast_dtype
 
 
 def cross_entropy_sums(
@@ -23,7 +23,7 @@ def cross_entropy_sums(
     0 (as tensor2tensor does); ``nll`` is the unsmoothed loss that perplexity is computed from.
 
     Args:
-      logits: ``[B, T, V]`` (computed in float32 whatever their dtype).
+      logits: ``[B, T, V]`` (computed in ``promote(float32, dtype)``: float32, or float64 for float64 logits).
       targets: ``[B, T]`` gold ids.
       label_smoothing: the paper's epsilon_ls.
       weights: ``[B, T]`` per-token weights; defaults to ``targets != pad_id``.
@@ -41,9 +41,10 @@ def cross_entropy_sums(
     if logits.shape[:2] != targets.shape:
         raise ValueError(f"logits {logits.shape} and targets {targets.shape} disagree on [B, T]")
     V = logits.shape[-1]
-    if weights is None:
-        weights = (targets != pad_id).astype(jnp.float32)
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    compute = upcast_dtype(logits.dtype)
+    weights = (targets != pad_id) if weights is None else weights
+    weights = weights.astype(compute)
+    log_probs = jax.nn.log_softmax(logits.astype(compute), axis=-1)
     nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
     if label_smoothing > 0.0:
         off = label_smoothing / (V - 1)
@@ -53,7 +54,7 @@ def cross_entropy_sums(
         smoothed = smoothed - _entropy(on, off, V)
     else:
         smoothed = nll
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    correct = (jnp.argmax(logits, axis=-1).astype(targets.dtype) == targets).astype(compute)
     return {
         "loss": jnp.sum(smoothed * weights),
         "nll": jnp.sum(nll * weights),

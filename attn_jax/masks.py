@@ -9,6 +9,8 @@ each segment: ``segment_mask`` keeps attention inside a segment and ``segment_po
 positions from the ids.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -45,6 +47,17 @@ def key_padding_mask(kv_real: Bool[Array, "*B S"]) -> Bool[Array, "*B 1 1 S"]:
       (1, 1, 1, 2)
     """
     return kv_real[..., None, None, :]
+
+
+def length_mask(lengths: Int[Array, "*B"], length: int) -> Bool[Array, "*B T"]:
+    """``[..., T]`` True at the first ``lengths`` positions (a real-token mask from sequence lengths).
+
+    Example:
+      >>> length_mask(jnp.array([1, 3]), 3).astype(int).tolist()
+      [[1, 0, 0], [1, 1, 1]]
+    """
+    positions = jnp.arange(length).reshape((1,) * lengths.ndim + (length,))  # [1, ..., 1, T]
+    return positions < lengths[..., None]
 
 
 def segment_mask(q_segments: Int[Array, "*B T"], kv_segments: Int[Array, "*B S"]) -> Bool[Array, "*B 1 T S"]:
@@ -121,3 +134,50 @@ def combine_masks(*masks: Bool[Array, "..."] | None) -> Bool[Array, "..."] | Non
         m = m.reshape((1,) * (rank - m.ndim) + m.shape)
         result = m if result is None else result & m
     return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Mask forms accepted by scaled_dot_product_attention: full rank, or by name
+# ----------------------------------------------------------------------------------------------------------
+
+
+def check_full_rank(x, name: str, full: tuple[int, ...]):
+    """Checks that ``x`` has the rank of the logits ``[*B, N, T, S]`` and broadcasts to them."""
+    if x is None:
+        return None
+    if x.ndim != len(full):
+        raise ValueError(
+            f"{name} has shape {x.shape} but must have the rank of the logits [*B, N, T, S] = {full}: a lower rank "
+            f"is ambiguous (a [B, S] padding mask would broadcast as [T, S]); add unit axes (e.g. "
+            f"{name}[:, None, None, :]) or pass key_mask=[*B, S] / query_seq_lengths / key_value_seq_lengths"
+        )
+    if any(d not in (1, f) for d, f in zip(x.shape, full, strict=True)):
+        raise ValueError(f"{name} of shape {x.shape} does not broadcast to [*B, N, T, S] = {full}")
+    return x
+
+
+def named_masks(batch, T: int, S: int, key_mask, query_seq_lengths, key_value_seq_lengths):
+    """The per-key mask and the length masks as one full-rank ``[*B, 1, T|1, S|1]`` mask, or None."""
+    masks = []
+    if key_mask is not None:
+        if key_mask.dtype != jnp.bool_ or tuple(key_mask.shape) != (*batch, S):
+            raise ValueError(f"key_mask must be boolean [*B, S] = {(*batch, S)}, got {key_mask.dtype}{key_mask.shape}")
+        masks.append(key_mask[..., None, None, :])  # [*B, S] -> [*B, 1, 1, S]
+    for lengths, size, name in ((query_seq_lengths, T, "query"), (key_value_seq_lengths, S, "key_value")):
+        if lengths is None:
+            continue
+        if tuple(lengths.shape) != tuple(batch):
+            raise ValueError(f"{name}_seq_lengths must be [*B] = {batch}, got shape {lengths.shape}")
+        real = length_mask(lengths, size)  # [*B, T|S]
+        masks.append(real[..., None, :, None] if name == "query" else real[..., None, None, :])
+    return combine_masks(*masks)
+
+
+def flatten_batch(x, batch: tuple[int, ...]):
+    """``[*B|1, N|1, T|1, S|1] -> [B|1, N|1, T|1, S|1]``, broadcasting the batch axes only when it must."""
+    lead = x.shape[: len(batch)]
+    if all(d == 1 for d in lead):
+        return x.reshape(1, *x.shape[len(batch) :])
+    if len(batch) > 1:
+        x = jnp.broadcast_to(x, (*batch, *x.shape[len(batch) :]))
+    return x.reshape(math.prod(batch), *x.shape[len(batch) :])

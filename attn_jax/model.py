@@ -148,7 +148,7 @@ def encode(
     src_mask: Bool[Array, "B S"] | None = None,
     positions: Int[Array, "B S"] | None = None,
     segment_ids: Int[Array, "B S"] | None = None,
-    attention_mask: Bool[Array, "#B #N S S"] | None = None,
+    attention_mask: Bool[Array, "#B #N #S #S"] | None = None,
     dropout_rng: PRNGKeyArray | None = None,
     return_weights: bool = False,
 ):
@@ -211,8 +211,8 @@ def decode(
     positions: Int[Array, "B T"] | None = None,
     segment_ids: Int[Array, "B T"] | None = None,
     src_segment_ids: Int[Array, "B S"] | None = None,
-    self_attention_mask: Bool[Array, "#B #N T T"] | None = None,
-    cross_attention_mask: Bool[Array, "#B #N T S"] | None = None,
+    self_attention_mask: Bool[Array, "#B #N #T #T"] | None = None,
+    cross_attention_mask: Bool[Array, "#B #N #T #S"] | None = None,
     dropout_rng: PRNGKeyArray | None = None,
     return_weights: bool = False,
 ):
@@ -292,9 +292,9 @@ def transformer(
     tgt_positions: Int[Array, "B T"] | None = None,
     src_segment_ids: Int[Array, "B S"] | None = None,
     tgt_segment_ids: Int[Array, "B T"] | None = None,
-    encoder_attention_mask: Bool[Array, "#B #N S S"] | None = None,
-    decoder_attention_mask: Bool[Array, "#B #N T T"] | None = None,
-    cross_attention_mask: Bool[Array, "#B #N T S"] | None = None,
+    encoder_attention_mask: Bool[Array, "#B #N #S #S"] | None = None,
+    decoder_attention_mask: Bool[Array, "#B #N #T #T"] | None = None,
+    cross_attention_mask: Bool[Array, "#B #N #T #S"] | None = None,
     dropout_rng: PRNGKeyArray | None = None,
     return_weights: bool = False,
 ):
@@ -367,7 +367,7 @@ def language_model(
     mask: Bool[Array, "B T"] | None = None,
     positions: Int[Array, "B T"] | None = None,
     segment_ids: Int[Array, "B T"] | None = None,
-    attention_mask: Bool[Array, "#B #N T T"] | None = None,
+    attention_mask: Bool[Array, "#B #N #T #T"] | None = None,
     dropout_rng: PRNGKeyArray | None = None,
     return_weights: bool = False,
 ):

@@ -27,11 +27,11 @@ import numpy as np
 import pytest
 
 from attn_jax.attention import (
-    from_flax_linen_attention,
     init_multi_head_attention,
     multi_head_attention,
     scaled_dot_product_attention,
 )
+from attn_jax.interop import from_flax_linen_attention
 from attn_jax.masks import causal_mask, combine_masks, padding_mask
 from tests.helpers import assert_trees_allclose
 
@@ -126,7 +126,7 @@ def _case(name):
         "causal": {"causal": True},
         "padding_causal": {"mask": padding_mask(Q_TOKENS, KV_TOKENS), "causal": True},
         "full_mask": {"mask": _random_mask(1, (B, heads, T, S))},
-        "mask_2d": {"mask": _random_mask(2, (T, S))},  # numpy-style left padding to [1, 1, T, S]
+        "mask_broadcast": {"mask": _random_mask(2, (1, 1, T, S))},  # one [T, S] mask for every row and head
         "bias": {"bias": bias},
         "bias_padding": {"bias": bias[:1], "mask": padding_mask(Q_TOKENS, KV_TOKENS)},
         # Per-head masks and biases catch a wrong query-head -> key/value-head grouping.
@@ -143,7 +143,7 @@ CASES = [
     "causal",
     "padding_causal",
     "full_mask",
-    "mask_2d",
+    "mask_broadcast",
     "bias",
     "bias_padding",
     "gqa_k2",
@@ -418,11 +418,11 @@ def _error_cases():
     q, k, v = _qkv(10)
     gqa_k = jnp.zeros((B, S, 2, H))
     cases = {
-        "query rank": ((q[0], k, v), {}, ValueError, r"query must be \[B, T\|S, heads, H\]"),
-        "key rank": ((q, k[..., None], v), {}, ValueError, r"key must be \[B, T\|S, heads, H\]"),
+        "query rank": ((q[0, :, 0], k, v), {}, ValueError, r"query must be \[\*B, T\|S, heads, H\]"),
+        "key rank": ((q, k[..., None], v[..., None]), {}, ValueError, "batch axes and head dim must agree"),
         "key/value shapes": ((q, k, v[:, :3]), {}, ValueError, "must have the same shape"),
-        "batch": ((q, k[:1], v[:1]), {}, ValueError, "batch and head dim must agree"),
-        "head dim": ((q, k[..., :5], v[..., :5]), {}, ValueError, "batch and head dim must agree"),
+        "batch": ((q, k[:1], v[:1]), {}, ValueError, "batch axes and head dim must agree"),
+        "head dim": ((q, k[..., :5], v[..., :5]), {}, ValueError, "batch axes and head dim must agree"),
         "heads multiple": ((q, gqa_k, gqa_k), {}, ValueError, "N=3 must be a multiple of .* K=2"),
         "mask broadcast": (
             (q, k, v),
@@ -430,8 +430,12 @@ def _error_cases():
             ValueError,
             r"mask of shape \(2, 1, 4, 7\) does not broadcast",
         ),
-        "mask rank": ((q, k, v), {"mask": jnp.ones((1, B, 1, T, S), jnp.bool_)}, ValueError, "mask has rank 5"),
-        "bias broadcast": ((q, k, v), {"bias": jnp.ones((S, T))}, ValueError, "bias of shape .* does not broadcast"),
+        "mask rank": ((q, k, v), {"mask": jnp.ones((1, B, 1, T, S), jnp.bool_)}, ValueError, "rank of the logits"),
+        # A [B, S] padding mask would broadcast as [1, 1, T, S]: refused as ambiguous, never broadcast.
+        "key padding as mask": ((q, k, v), {"mask": jnp.ones((B, S), jnp.bool_)}, ValueError, "ambiguous.*key_mask"),
+        "bias rank": ((q, k, v), {"bias": jnp.ones((S, T))}, ValueError, "bias has shape .* rank of the logits"),
+        "bias broadcast": ((q, k, v), {"bias": jnp.ones((1, 1, S, T))}, ValueError, "bias of shape .* does not broad"),
+        "key_mask shape": ((q, k, v), {"key_mask": jnp.ones((B, T), jnp.bool_)}, ValueError, r"key_mask must be"),
         "mask dtype": ((q, k, v), {"mask": jnp.ones((B, 1, T, S))}, TypeError, "mask must be boolean"),
         "implementation": ((q, k, v), {"implementation": "flash"}, ValueError, "implementation must be one of"),
         "weights chunked": (

@@ -122,9 +122,9 @@ def test_matches_xla_path_for_any_chunk_sizes(chunks):
 
 
 def test_through_scaled_dot_product_attention():
-    """The public entry point normalises a 2-D mask and reaches the chunked path with its default chunks."""
+    """The public entry point reaches the chunked path with its default chunks (a [1, 1, T, S] mask)."""
     query, key, value, _ = _inputs(2, N=6, K=3)
-    mask = jax.random.bernoulli(jax.random.key(3), 0.8, (T, S))
+    mask = jax.random.bernoulli(jax.random.key(3), 0.8, (1, 1, T, S))
     expected = _reference(query, key, value, mask=mask, bias=None, causal=True)
     actual = scaled_dot_product_attention(query, key, value, mask=mask, causal=True, implementation="chunked")
     np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), rtol=RTOL, atol=ATOL)

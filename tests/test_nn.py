@@ -177,6 +177,8 @@ def _module(name: str):
     """The module with random parameters, built once per test session."""
     spec = SPECS[name]
     module = spec.make(_rbg_rngs(0)) if spec.real_init else nnx.eval_shape(lambda: spec.make(nnx.Rngs(0)))
+    if not spec.real_init:  # eval_shape left the kept rngs abstract; real ones, as restoring a state would give
+        module.rngs = nnx.Rngs(dropout=0)
     return _randomise(module, seed=list(SPECS).index(name))
 
 
@@ -293,3 +295,80 @@ def test_dropout_rngs_change_the_output_like_the_core(name):
     # The module hands the core the next key of its "dropout" stream.
     expected = spec.core(_pure(module), *spec.args, dropout_rng=nnx.Rngs(dropout=1).dropout(), **kwargs)
     np.testing.assert_array_equal(first, np.asarray(expected))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Used as flax.nnx layers are: self-attention call, default biases, .train()/.eval(), decode mode
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _flax_twin(module: attn_nn.MultiHeadAttention, *, decode: bool = False) -> nnx.MultiHeadAttention:
+    """``flax.nnx.MultiHeadAttention`` with our module's weights (its kernels have our [D, N, H] layout)."""
+    params = _pure(module)
+    N_, H_ = params["w_q"].shape[1:]
+    twin = nnx.MultiHeadAttention(N_, D, N_ * H_, D, decode=decode, rngs=nnx.Rngs(0))
+    for ours, theirs in (("q", "query"), ("k", "key"), ("v", "value"), ("o", "out")):
+        getattr(twin, theirs).kernel[...] = params[f"w_{ours}"]
+        getattr(twin, theirs).bias[...] = params[f"b_{ours}"]
+    return twin
+
+
+def _default_attention(**kwargs) -> attn_nn.MultiHeadAttention:
+    module = attn_nn.MultiHeadAttention(D, N, head_dim=H, rngs=nnx.Rngs(params=0, dropout=5), **kwargs)
+    return _randomise(module, seed=40)
+
+
+def test_biases_default_on_as_in_transformer_config():
+    assert TransformerConfig(vocab_size=V).attention_bias
+    assert {"b_q", "b_k", "b_v", "b_o"} <= set(_pure(attn_nn.MultiHeadAttention(D, N, head_dim=H, rngs=_rbg_rngs(0))))
+
+
+def test_self_attention_with_inputs_k_omitted_matches_flax_nnx():
+    module = _default_attention()
+    np.testing.assert_array_equal(np.asarray(module(X_Q)), np.asarray(module(X_Q, X_Q, X_Q)))
+    expected = _flax_twin(module)(X_Q)
+    np.testing.assert_allclose(np.asarray(module(X_Q)), np.asarray(expected), rtol=SAME, atol=SAME)
+
+
+def test_train_and_eval_switch_dropout_like_nnx_dropout():
+    module = _default_attention(dropout_rate=0.4)
+    evaluation = np.asarray(multi_head_attention(_pure(module), X_Q))
+    module.train()
+    first, second = np.asarray(module(X_Q)), np.asarray(module(X_Q))
+    # Training mode draws from the dropout stream the module was built with, one key per call.
+    stream = nnx.Rngs(dropout=5)
+    expected = multi_head_attention(_pure(module), X_Q, dropout_rate=0.4, dropout_rng=stream.dropout())
+    np.testing.assert_array_equal(first, np.asarray(expected))
+    assert np.abs(first - second).max() > 1e-3 and np.abs(first - evaluation).max() > 1e-3
+    module.eval()
+    np.testing.assert_array_equal(np.asarray(module(X_Q, rngs=nnx.Rngs(dropout=1))), evaluation)
+    np.testing.assert_array_equal(np.asarray(module(X_Q, deterministic=True)), evaluation)
+
+
+def test_transformer_module_eval_and_train():
+    module = _module("Transformer")
+    evaluation = np.asarray(transformer(_pure(module), SRC, TGT, config=CONFIG))
+    module.eval()
+    np.testing.assert_array_equal(np.asarray(module(SRC, TGT, rngs=nnx.Rngs(dropout=1))), evaluation)
+    trained = np.asarray(module(SRC, TGT, deterministic=False, rngs=nnx.Rngs(dropout=1)))
+    assert np.abs(trained - evaluation).max() > 1e-3
+    module.set_attributes(deterministic=None)  # back to the session's shared module's default
+
+
+def test_decode_mode_matches_flax_nnx_decode_and_the_causal_call():
+    module = _default_attention(decode=True)
+    twin = _flax_twin(module, decode=True)
+    module.init_cache((B, 8, D))
+    twin.init_cache((B, 8, D))
+    step = nnx.jit(lambda m, x: m(x))
+    ours = [step(module, X_Q[:, t : t + 1]) for t in range(T)]
+    theirs = [twin(X_Q[:, t : t + 1]) for t in range(T)]
+    np.testing.assert_allclose(np.concatenate(ours, 1), np.concatenate(theirs, 1), rtol=SAME, atol=SAME)
+    causal = module(X_Q, decode=False, causal=True)
+    np.testing.assert_allclose(np.concatenate(ours, 1), np.asarray(causal), rtol=SAME, atol=SAME)
+    assert int(module.cache["index"][...]) == T
+
+
+def test_decode_mode_without_a_cache_is_a_clear_error():
+    with pytest.raises(ValueError, match="init_cache"):
+        _default_attention(decode=True)(X_Q)
