@@ -160,9 +160,16 @@ def test_load_model_reads_the_run_config_and_the_newest_parameters(tiny_run):
 
 
 def test_bleu_examples_zero_evaluates_loss_only_during_training_and_scores_the_test_split_at_the_end(tmp_path):
-    results = _train(TINY, tmp_path, "train.steps=2", "train.eval_every=1", "eval.bleu_examples=0")
+    results = _train(TINY, tmp_path, "train.steps=3", "train.eval_every=1", "eval.bleu_examples=0",
+                     "train.profile_steps=(1, 2)")  # fmt: skip
     evals = _records(tmp_path, "eval")
-    assert [r["step"] for r in evals] == [1, 2]
+    assert [r["step"] for r in evals] == [1, 2, 3]
+    # Each evaluation during training measures its own time, and what share of the run's wall time they took.
+    timing = _records(tmp_path, "eval_time")
+    assert [r["step"] for r in timing] == [1, 2]
+    assert all(0 < r["seconds"] <= r["total_seconds"] and 0 < r["fraction_of_wall_time"] < 1 for r in timing)
+    # train.profile_steps = (1, 2): a jax.profiler trace of update 2, for TensorBoard's profile plugin or Perfetto.
+    assert list((tmp_path / "profile").rglob("*.xplane.pb"))
     for record in evals:
         assert "loss" in record and "exact_match" not in record
     assert "exact_match" not in results

@@ -363,3 +363,39 @@ def test_a_gs_workdir_stays_a_url_for_training_and_every_reader(fake_gcs, capsys
     # Resuming from the URL: the run continues from its checkpoint there.
     assert main(["train", "--config", TINY, "--workdir", url, *overrides[1:], "--config.train.steps=6"]) == 0
     assert checkpoint_steps(run)[-1] == 6
+
+
+@pytest.mark.slow
+def test_a_text_run_on_gs_keeps_its_tokenizer_and_prepared_ids_there(fake_gcs, capsys, tmp_path):
+    from attn_jax.main import main
+
+    ding_file = tmp_path / "de-en"
+    ding_file.write_bytes(b"\n".join(ding_lines()) + b"\n")
+    url = "gs://bucket/ding"
+    # TFDS builds the data set with its own C++ writers, which only a real bucket serves: it stays local here.
+    data = [f"data.ding_file={ding_file}", f"data.data_dir={tmp_path / 'tfds'}", "train.steps=5"]
+    assert main(["train", "--config", DING, "--workdir", url, *[f"--config.{o}" for o in DING_OVERRIDES + data]]) == 0
+    run = fake_gcs / "bucket" / "ding"
+    assert (run / "tokenizer").is_dir() and (run / "prepared").is_dir() and checkpoint_steps(run) == [5]
+    capsys.readouterr()
+    assert main(["translate", "--workdir", url, "The dog sees the house today."]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1
+
+
+def test_a_gs_data_dir_reaches_tfds_as_a_url(monkeypatch, tmp_path):
+    from attn_jax import config as config_lib
+    from attn_jax.data import ding, sources
+
+    config = config_lib.load_experiment(DING, ["data.data_dir=gs://bucket/tfds", "data.ding_file=gs://bucket/de-en"])
+    config = config_lib.with_absolute_paths(config)
+    assert (config.data.data_dir, config.data.ding_file) == ("gs://bucket/tfds", "gs://bucket/de-en")
+    seen = {}
+
+    def data_source(name, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(ding.tfds, "data_source", data_source)
+    with pytest.raises(RuntimeError, match="stop here"):
+        sources.split_sources(config.data)
+    assert seen["data_dir"] == "gs://bucket/tfds" and seen["builder_kwargs"]["ding_file"] == "gs://bucket/de-en"
