@@ -127,6 +127,7 @@ _VALUE_RULES = {
     "train.accumulation_steps": _integer(1),
     "train.log_every": _integer(1),
     "train.eval_every": _integer(1),
+    "train.bleu_every": _integer(0),
     "train.checkpoint_every": _integer(1),
     "train.keep_checkpoints": _integer(1),
     "train.keep_best": _integer(0),
@@ -140,6 +141,7 @@ _VALUE_RULES = {
     "eval.batch_size": _integer(1),
     "eval.num_samples": _integer(0),
     "eval.attention_plots": _integer(0),
+    "eval.average_last": _integer(0),
     "parallel.strategy": _one_of("jit", "pmap"),
     "parallel.num_processes": _integer(0),
     "parallel.process_id": _integer(-1),
@@ -180,6 +182,15 @@ def check_values(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"config.train.profile_steps: expected () or (start, stop) with 0 <= start < stop, got {profile!r}"
         )
+    average_last, kept = values.get("eval.average_last", 0), values.get("train.keep_checkpoints", 0)
+    if average_last > kept:
+        raise ConfigError(
+            f"config.eval.average_last ({average_last}) averages more checkpoints than config.train.keep_checkpoints "
+            f"({kept}) keeps"
+        )
+    for key, (accepts, description) in (("eval.beam_sizes", _integer(1)), ("eval.alphas", _number(0.0))):
+        if not all(accepts(v) for v in values.get(key, ())):
+            raise ConfigError(f"config.{key}: expected a tuple of values each {description}, got {values[key]!r}")
     data = config.get("data")
     if data is not None and data.get("tokens_per_batch", 0) < data.get("max_length", 0):
         raise ConfigError(

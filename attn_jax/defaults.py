@@ -25,13 +25,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.weight_decay = 0.0  # decoupled weight decay; 0 = plain Adam (paper)
     c.train.accumulation_steps = 1  # micro-batches per update; steps, schedule and checkpoints count updates
     c.train.log_every = 50  # steps between metric fetches (the host never waits on the device in between)
-    c.train.eval_every = 1000  # steps between validation loss + BLEU
+    c.train.eval_every = 1000  # steps between validation loss/accuracy/perplexity (cheap: no decoding)
+    c.train.bleu_every = 0  # steps between validation BLEU (beam search) during training; 0 = at every eval_every
     c.train.checkpoint_every = 1000  # steps between checkpoints (always one at the end)
     c.train.keep_checkpoints = 5  # newest checkpoints kept (paper averages the last 5 for base)
     c.train.keep_best = 1  # best checkpoints by validation BLEU kept besides those
     c.train.nonfinite = "raise"  # on a NaN/Inf loss or gradient: "raise" (stop, name the step) or "skip"
     c.train.max_consecutive_skips = 10  # with "skip": stop after this many non-finite steps in a row
     c.train.time_budget_minutes = 0.0  # stop (and checkpoint) after this long; 0 = no limit
+    c.train.decay_to_budget = False  # multiply the learning rate by the budget left: linear to 0 at its end
     c.train.profile_steps = ()  # (start, stop): jax.profiler trace of updates start+1..stop into DIR/profile
 
     c.eval = ml_collections.ConfigDict()
@@ -42,6 +44,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.batch_size = 64  # sentences per decoding batch
     c.eval.num_samples = 5  # sample translations printed and logged
     c.eval.attention_plots = 3  # validation sentences whose attention is plotted at the end
+    c.eval.average_last = 0  # evaluate the average of the last N checkpoints at the end (paper: 5); 0 = off
+    c.eval.beam_sizes = ()  # with alphas: candidates tried on validation at the end, the best used for test
+    c.eval.alphas = ()  # length penalties tried with beam_sizes; () = only eval.alpha
 
     c.parallel = ml_collections.ConfigDict()
     c.parallel.strategy = "jit"  # "jit" (sharded, default) or "pmap" (classic data parallelism)

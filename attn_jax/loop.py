@@ -10,6 +10,7 @@ path is an ``etils.epath.Path``.
 
 import dataclasses
 import functools
+import itertools
 import json
 import logging
 import signal
@@ -106,16 +107,71 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
             return {}
         if step < config.train.steps:
             log.warning("stopped early at step %d (time budget)", step)
-        # The test split is scored in full by the final report; validation BLEU stays on its usual subset.
-        results = _evaluate(config, model_config, steps, device_state, datasets, writer, step, bleu_limit=True)
-        final_report(
-            config, model_config, steps.get_state(device_state).params, datasets, workdir, results, mesh=steps.mesh
-        )
-        return results
+        return _finish(config, model_config, steps, device_state, datasets, writer, checkpointer, step, workdir)
     finally:
         writer.close()
         checkpointer.close()
         stopping.close()
+
+
+def _finish(config, model_config, steps, device_state, datasets, writer, checkpointer, step, workdir) -> dict:
+    """The final evaluation: the average of the last checkpoints (``eval.average_last``), the beam size and length
+    penalty that score best on validation (``eval.beam_sizes`` x ``eval.alphas``), validation metrics, then the
+    report on the test split. The test split is scored in full; validation BLEU on its usual subset."""
+    extra = {}
+    if config.eval.average_last > 1:
+        device_state, extra["averaged_steps"] = _average_last(
+            config.eval.average_last, steps, device_state, checkpointer
+        )
+        log.info("evaluating the average of the checkpoints of steps %s", extra["averaged_steps"])
+    config, extra["decoding"] = _choose_decoding(config, model_config, steps.get_state(device_state).params, datasets,
+                                                 mesh=steps.mesh)  # fmt: skip
+    results = _evaluate(config, model_config, steps, device_state, datasets, writer, step, bleu_limit=True) | extra
+    params = steps.get_state(device_state).params
+    final_report(config, model_config, params, datasets, workdir, results, step=step, writer=writer, mesh=steps.mesh)
+    return results
+
+
+def _average_last(count: int, steps, device_state, checkpointer) -> tuple:
+    """``(device state with the average of the newest ``count`` checkpoints' parameters, the steps averaged)``;
+    the average is also written to ``checkpoints/averaged``, where ``attn-jax eval --checkpoint averaged`` reads
+    it."""
+    state = steps.get_state(device_state)
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state.params)
+    averaged = ckpt_lib.save_averaged(checkpointer.directory, target, last=count)
+    params = ckpt_lib.read_params(checkpointer.directory, target, checkpoint=ckpt_lib.AVERAGED).state["params"]
+    return steps.put_state(state.replace(params=params)), averaged
+
+
+def _choose_decoding(config, model_config, params, datasets, *, mesh) -> tuple[ml_collections.ConfigDict, dict]:
+    """``(config with the chosen eval.beam_size and eval.alpha, what was tried)``: the pair of ``eval.beam_sizes``
+    x ``eval.alphas`` with the best BLEU on the validation subset (the configured pair when both are empty)."""
+    beams, alphas = config.eval.beam_sizes or (config.eval.beam_size,), config.eval.alphas or (config.eval.alpha,)
+    tried = []
+    if len(beams) * len(alphas) > 1 and config.task == "translation":
+        pairs = datasets.validation_pairs[: config.eval.bleu_examples]
+        for beam, alpha in itertools.product(beams, alphas):
+            candidate = _with_decoding(config, beam, alpha)
+            quality, _ = translation_quality(
+                params, pairs, datasets.tokenizer, model_config=model_config, eval_config=candidate.eval,
+                batch_multiple=datasets.batch_multiple, mesh=mesh,
+            )  # fmt: skip
+            tried.append({"beam_size": beam, "alpha": alpha, **quality})
+            log.info("validation with beam %d, alpha %.2f: %s", beam, alpha, quality)
+        best = max(tried, key=lambda row: row[_quality_key(tried[0])])
+        config = _with_decoding(config, best["beam_size"], best["alpha"])
+    chosen = {"beam_size": config.eval.beam_size, "alpha": config.eval.alpha}
+    return config, chosen | ({"tried": tried} if tried else {})
+
+
+def _with_decoding(config, beam_size: int, alpha: float) -> ml_collections.ConfigDict:
+    config = config.copy_and_resolve_references()
+    config.eval.beam_size, config.eval.alpha = beam_size, alpha
+    return config
+
+
+def _quality_key(row: dict) -> str:
+    return "bleu" if "bleu" in row else "exact_match"
 
 
 def _train(
@@ -143,7 +199,8 @@ def _train(
     while step < total:
         profile.maybe_start(step)
         batches = [next(datasets.train) for _ in range(train_config.accumulation_steps)]
-        device_state, metrics = steps.train(device_state, steps.put_batch(_one_or_list(batches)), dropout_rng)
+        scale = stopping.learning_rate_scale()
+        device_state, metrics = steps.train(device_state, steps.put_batch(_one_or_list(batches)), dropout_rng, scale)
         step += 1
         throughput.count(batches, metrics)
         profile.maybe_stop(step, metrics)
@@ -153,16 +210,17 @@ def _train(
         # Before every save too: under "raise" no checkpoint is written past a non-finite step.
         if step % train_config.log_every == 0 or saving:
             skips = _check_finite(pending, train_config, skips, workdir)
-            train_metrics = _summarise(pending, schedule) | throughput.rate()
+            train_metrics = _summarise(pending, schedule, scale) | throughput.rate()
             writer.write(step, train_metrics, split="train")
             bar.update(step, loss=train_metrics["loss"], learning_rate=train_metrics["learning_rate"],
                        tokens_per_second=train_metrics.get("tokens_per_second"))  # fmt: skip
             pending = []
         eval_metrics = None
         if step % train_config.eval_every == 0 and not last:
+            bleu_every = train_config.bleu_every or train_config.eval_every
             with clock:
                 eval_metrics = _evaluate(config, model_config, steps, device_state, datasets, writer, step,
-                                         bleu_limit=True)  # fmt: skip
+                                         bleu_limit=True, with_bleu=step % bleu_every == 0)  # fmt: skip
             writer.write(step, clock.fractions(), split="eval_time")
             throughput.restart()  # the evaluation's time is not training time
         if saving:
@@ -276,9 +334,15 @@ def compile_steps(config, model_config, tx, mesh) -> Steps:
     ``apply_gradients``.
     """
     common = {"model_config": model_config, "label_smoothing": config.train.label_smoothing}
-    train_fn = functools.partial(train_step, tx=tx, **common)
+
+    # The learning-rate scale is positional: pmap maps keyword arguments over devices.
+    def train_fn(state, batch, rng, scale, axis_name=None):
+        return train_step(state, batch, rng, tx=tx, axis_name=axis_name, learning_rate_scale=scale, **common)
+
+    def apply_fn(state, grads, sums, scale, axis_name=None):
+        return apply_gradients(state, grads, sums, tx=tx, axis_name=axis_name, learning_rate_scale=scale)
+
     accumulate_fn = functools.partial(accumulate_gradients, **common)
-    apply_fn = functools.partial(apply_gradients, tx=tx)
     eval_fn = functools.partial(eval_step, model_config=model_config)
     if config.parallel.strategy == "pmap":
         return _pmap_steps(train_fn, accumulate_fn, apply_fn, eval_fn)
@@ -308,15 +372,17 @@ def compile_steps(config, model_config, tx, mesh) -> Steps:
 
 
 def _accumulating(train, start, accumulate, apply) -> Callable:
-    """``train(state, batch, rng)`` for one batch; a list of micro-batches accumulates, then updates once."""
+    """``train(state, batch, rng, scale=1)`` for one batch; a list of micro-batches accumulates, then updates
+    once; ``scale`` multiplies the learning rate."""
 
-    def step(state, batch, rng):
+    def step(state, batch, rng, scale=1.0):
+        scale = np.float32(scale)
         if not isinstance(batch, list):
-            return train(state, batch, rng)
+            return train(state, batch, rng, scale)
         sums = start(state.params)
         for index, micro_batch in enumerate(batch):
             sums = accumulate(sums, state.params, micro_batch, rng, state.step, np.int32(index))
-        return apply(state, *sums)
+        return apply(state, *sums, scale)
 
     return step
 
@@ -337,7 +403,8 @@ def _pmap_steps(train_fn, accumulate_fn, apply_fn, eval_fn) -> Steps:
     pmapped = functools.partial(jax.pmap, axis_name=axis)
     train = _accumulating(
         parallel.lockstep(
-            pmapped(functools.partial(train_fn, axis_name=axis), donate_argnums=0, in_axes=(0, 0, None)), "train_step"
+            pmapped(functools.partial(train_fn, axis_name=axis), donate_argnums=0, in_axes=(0, 0, None, None)),
+            "train_step",
         ),  # fmt: skip
         parallel.lockstep(pmapped(start_accumulation), "start_accumulation"),
         parallel.lockstep(
@@ -346,11 +413,14 @@ def _pmap_steps(train_fn, accumulate_fn, apply_fn, eval_fn) -> Steps:
             ),
             "accumulate_gradients",
         ),  # fmt: skip
-        parallel.lockstep(pmapped(functools.partial(apply_fn, axis_name=axis), donate_argnums=0), "apply_gradients"),
+        parallel.lockstep(
+            pmapped(functools.partial(apply_fn, axis_name=axis), donate_argnums=0, in_axes=(0, 0, 0, None)),
+            "apply_gradients",
+        ),
     )
     evaluate = parallel.lockstep(pmapped(functools.partial(eval_fn, axis_name=axis)), "eval_step")
     return Steps(
-        train=lambda state, batch, rng: _first_metrics(train(state, batch, rng)),
+        train=lambda *args: _first_metrics(train(*args)),
         evaluate=lambda params, batch: jax.tree.map(lambda x: x[0], evaluate(params, batch)),
         put_batch=split,
         put_state=put_state,
@@ -483,7 +553,7 @@ def _save_batches(workdir: epath.Path, step: int, batches: list[dict]) -> epath.
     return path
 
 
-def _summarise(pending, schedule) -> dict:
+def _summarise(pending, schedule, learning_rate_scale: float) -> dict:
     """Token-averaged loss and accuracy of the applied (finite) steps since the last fetch, and the skip count."""
     totals = jax.device_get([m for _, m, _ in pending])
     applied = [m for m in totals if float(m["finite"]) == 1.0]
@@ -495,16 +565,21 @@ def _summarise(pending, schedule) -> dict:
         "nll": sums["nll"] / weight if applied else float("nan"),
         "accuracy": sums["correct"] / weight if applied else float("nan"),
         "grad_norm": float(np.mean([float(m["grad_norm"]) for m in applied])) if applied else float("nan"),
-        "learning_rate": float(schedule(last_step - 1)),  # the rate the last update used (optax counts from 0)
+        # The rate the last update used (optax counts from 0), with the time budget's decay.
+        "learning_rate": float(schedule(last_step - 1)) * learning_rate_scale,
         "skipped_steps": len(totals) - len(applied),
     }
 
 
-def _evaluate(config, model_config, steps, device_state, datasets, writer, step, *, bleu_limit: bool) -> dict:
-    """Validation loss/accuracy/perplexity and, for translation, BLEU (a subset during training)."""
+def _evaluate(
+    config, model_config, steps, device_state, datasets, writer, step, *, bleu_limit: bool, with_bleu: bool = True
+) -> dict:
+    """Validation loss/accuracy/perplexity and, for translation, BLEU (a subset during training; none without
+    ``with_bleu``)."""
     params = device_state.params
     metrics = evaluate_loss(steps.evaluate, params, map(steps.put_batch, datasets.eval_batches()))
     pairs = datasets.validation_pairs[: config.eval.bleu_examples] if bleu_limit else datasets.validation_pairs
+    pairs = pairs if with_bleu else []
     if config.task == "translation" and pairs:  # bleu_examples = 0: loss only during training
         quality, _ = translation_quality(
             steps.get_state(device_state).params, pairs, datasets.tokenizer, model_config=model_config,
@@ -517,21 +592,23 @@ def _evaluate(config, model_config, steps, device_state, datasets, writer, step,
 
 
 class _StopDecision:
-    """When to stop before ``train.steps``: SIGTERM (preemption) or the time budget, one decision for all processes.
+    """When to stop before ``train.steps`` (SIGTERM or the time budget) and how far the learning rate has decayed
+    towards the budget's end, one decision for all processes.
 
     One process decides on its own. Several must stop at the same step, or one would enter a save while another
-    enters the next step's all-reduce (a hang): SIGTERM on any host goes through JAX's preemption sync
-    (``reached_preemption``: every process learns of it and all stop at the same step), and process 0's clock
-    alone decides the time budget (the others' configs and clocks are not consulted), broadcast to the others
-    every ``log_every`` steps.
+    enters the next step's all-reduce (a hang), and must use the same learning rate: SIGTERM on any host goes
+    through JAX's preemption sync (``reached_preemption``: every process learns of it and all stop at the same
+    step), and process 0's clock alone measures the time budget (the others' configs and clocks are not
+    consulted), broadcast to the others every ``log_every`` steps.
     """
 
-    def __init__(self, train_config, checkpointer: ckpt_lib.Checkpointer):
+    def __init__(self, train_config, checkpointer: ckpt_lib.Checkpointer | None):
         self.preempted = False
         budget = train_config.time_budget_minutes
         self.budget_seconds = 60 * budget if budget else None
         self.started = time.monotonic()
-        self._deadline = self.started + self.budget_seconds if budget else None
+        self._decay = bool(train_config.decay_to_budget and budget)
+        self._used = 0.0  # fraction of the time budget used, as last agreed
         self._checkpointer = checkpointer
         self._every = train_config.log_every
         self._several = jax.process_count() > 1
@@ -539,20 +616,27 @@ class _StopDecision:
         # JAX's preemption notifier handles SIGTERM in multi-process runs; a handler here would replace it.
         self._signal = None if self._several else _SigtermFlag()
 
+    def learning_rate_scale(self) -> float:
+        """1, or with ``train.decay_to_budget`` the budget left: linear to zero at its end (Li et al. 2020)."""
+        return max(1.0 - self._used, 0.0) if self._decay else 1.0
+
     def __call__(self, step: int) -> bool:
         if self._signal.requested if self._signal else self._checkpointer.reached_preemption(step):
             self.preempted = True
             return True
         if not self._several:
-            return self._deadline is not None and time.monotonic() > self._deadline
-        if step % self._every:
-            return False
-        # Every process joins, whatever its own config says: process 0's budget and clock decide for all.
-        over = jax.process_index() == 0 and self._deadline is not None and time.monotonic() > self._deadline
-        if not self._broadcast_started:  # the first collective of a new program must not wait more than 30 s
-            hosts.barrier("stop_decision")
-            self._broadcast_started = True
-        return bool(multihost_utils.broadcast_one_to_all(np.bool_(over)))
+            self._used = self._fraction_used()
+        elif step % self._every == 0:
+            if not self._broadcast_started:  # the first collective of a new program must not wait more than 30 s
+                hosts.barrier("stop_decision")
+                self._broadcast_started = True
+            self._used = float(multihost_utils.broadcast_one_to_all(np.float32(self._fraction_used())))
+        return self._used >= 1.0
+
+    def _fraction_used(self) -> float:
+        if self.budget_seconds is None or jax.process_index() != 0:
+            return 0.0
+        return (time.monotonic() - self.started) / self.budget_seconds
 
     def close(self) -> None:
         if self._signal:

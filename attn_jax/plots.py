@@ -24,7 +24,7 @@ from attn_jax.metrics import read_metrics
 
 DPI = 100
 # Metric names read from the log (see attn_jax.metrics): split "train" and "eval".
-LOSS, LEARNING_RATE, BLEU, ACCURACY = "loss", "learning_rate", "bleu", "accuracy"
+LOSS, NLL, LEARNING_RATE, BLEU, ACCURACY = "loss", "nll", "learning_rate", "bleu", "accuracy"
 # Which tokens label the query (rows) and key (columns) axes of each attention kind that
 # ``attn_jax.model.transformer(..., return_weights=True)`` returns, and how to title it.
 ATTENTION_KINDS = {
@@ -76,7 +76,12 @@ def _finish_panel(ax: Axes, ylabel: str, has_data: bool) -> None:
 
 
 def learning_curves_figure(metrics: Sequence[Mapping] | str | os.PathLike) -> Figure:
-    """Three panels sharing the step axis: train/eval loss, learning rate, eval BLEU and token accuracy.
+    """Four panels sharing the step axis: NLL, learning rate, BLEU, token accuracy.
+
+    Training and validation are drawn on the same scale in each panel (the training NLL, not the label-smoothed
+    loss the optimiser sees, against the validation NLL), so the gap between them shows under- and over-fitting.
+    BLEU and accuracy get panels of their own, so a single evaluation's two markers never hide each other; the
+    test split's score (written by the final report) is a star at the last step.
 
     Args:
       metrics: records as ``attn_jax.metrics.read_metrics`` returns them, or the path of the log.
@@ -86,38 +91,35 @@ def learning_curves_figure(metrics: Sequence[Mapping] | str | os.PathLike) -> Fi
 
     Example:
       >>> fig = learning_curves_figure([{"step": 1, "split": "train", "loss": 3.0, "learning_rate": 1e-4}])
-      >>> [ax.get_ylabel() for ax in fig.axes[:3]]
-      ['loss', 'learning rate', 'BLEU']
+      >>> [ax.get_ylabel() for ax in fig.axes]
+      ['NLL', 'learning rate', 'BLEU', 'token accuracy']
     """
     records = metrics if isinstance(metrics, Sequence) and not isinstance(metrics, str) else read_metrics(metrics)
-    fig = Figure(figsize=(8, 9), layout="constrained")
+    fig = Figure(figsize=(8, 11), layout="constrained")
     FigureCanvasAgg(fig)
-    loss_ax, lr_ax, bleu_ax = fig.subplots(3, 1, sharex=True)
+    loss_ax, lr_ax, bleu_ax, accuracy_ax = fig.subplots(4, 1, sharex=True)
 
-    has_loss = _plot_series(loss_ax, records, "train", LOSS, alpha=0.8)
+    # Runs written before "nll" was logged have only the smoothed loss.
+    train_nll = NLL if any(NLL in r for r in records if r.get("split") == "train") else LOSS
+    has_loss = _plot_series(loss_ax, records, "train", train_nll, alpha=0.8)
     has_loss |= _plot_series(loss_ax, records, "eval", LOSS, marker="o")
-    _finish_panel(loss_ax, "loss", has_loss)
+    _finish_panel(loss_ax, "NLL", has_loss)
 
     _finish_panel(lr_ax, "learning rate", _plot_series(lr_ax, records, "train", LEARNING_RATE))
     lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
 
     has_bleu = _plot_series(bleu_ax, records, "eval", BLEU, marker="o", color="C2")
-    # Token accuracy is a fraction and BLEU is 0-100, so accuracy gets its own axis on the right.
-    accuracy_ax = bleu_ax.twinx()
-    has_accuracy = _plot_series(accuracy_ax, records, "eval", ACCURACY, marker="s", color="C3")
-    if has_accuracy:
-        accuracy_ax.set_ylabel("token accuracy")
-    else:
-        accuracy_ax.set_axis_off()
-    _finish_panel(bleu_ax, "BLEU", has_bleu or has_accuracy)
-    bleu_ax.set_xlabel("step")
+    has_bleu |= _plot_series(bleu_ax, records, "test", BLEU, marker="*", markersize=12, linestyle="", color="C4")
+    _finish_panel(bleu_ax, "BLEU", has_bleu)
 
-    if has_loss:
-        loss_ax.legend(loc="best", fontsize=8)
-    # One legend for both y axes of the bottom panel; an empty legend() call would warn.
-    handles = bleu_ax.get_legend_handles_labels()[0] + accuracy_ax.get_legend_handles_labels()[0]
-    if handles:
-        bleu_ax.legend(handles=handles, loc="best", fontsize=8)
+    has_accuracy = _plot_series(accuracy_ax, records, "train", ACCURACY, alpha=0.8, color="C1")
+    has_accuracy |= _plot_series(accuracy_ax, records, "eval", ACCURACY, marker="s", color="C3")
+    _finish_panel(accuracy_ax, "token accuracy", has_accuracy)
+    accuracy_ax.set_xlabel("step")
+
+    for ax, has_data in ((loss_ax, has_loss), (bleu_ax, has_bleu), (accuracy_ax, has_accuracy)):
+        if has_data:  # an empty legend() call would warn
+            ax.legend(loc="best", fontsize=8)
     return fig
 
 

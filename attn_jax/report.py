@@ -17,10 +17,13 @@ log = logging.getLogger(__name__)
 BOS_ID, EOS_ID = 2, 1
 
 
-def final_report(config, model_config, params, datasets, workdir: epath.Path, results: dict, *, mesh=None) -> dict:
+def final_report(
+    config, model_config, params, datasets, workdir: epath.Path, results: dict, *, step: int, writer=None, mesh=None
+) -> dict:
     """Scores the test split, prints samples, writes ``results.json`` and the PNGs under ``workdir/plots``.
 
-    Every process calls it (test decoding is split over ``mesh``); only process 0 prints and writes.
+    Every process calls it (test decoding is split over ``mesh``); only process 0 prints and writes. The test
+    scores also go to ``writer`` (split ``"test"`` at ``step``), so the learning curves show them.
     """
     report = {"validation": results}
     chief = jax.process_index() == 0
@@ -32,7 +35,10 @@ def final_report(config, model_config, params, datasets, workdir: epath.Path, re
         report["test"] = test
         if chief:
             _print_samples(datasets.test_pairs, hypotheses, config.eval.num_samples)
-            how = {"bleu": "; sacreBLEU on detokenized text"}
+            how = {
+                "bleu": "; sacreBLEU on detokenized text",
+                "bleu_compound_split": "; the paper's tokenized BLEU with compounds split",
+            }
             for name, value in test.items():
                 print(f"test {name}: {value:.4g} ({len(hypotheses)} sentences{how.get(name, '')})")
     report["data"] = datasets.report
@@ -42,6 +48,8 @@ def final_report(config, model_config, params, datasets, workdir: epath.Path, re
     if not chief:
         return report
     (workdir / "results.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    if writer is not None and "test" in report:
+        writer.write(step, report["test"], split="test")
     plot_dir = workdir / "plots"
     plots.plot_learning_curves(workdir / "metrics.jsonl", plot_dir / "learning_curves.png")
     for i, (source, _) in enumerate(datasets.validation_pairs[:plotted]):

@@ -87,6 +87,7 @@ def train_step(
     tx: optax.GradientTransformation,
     label_smoothing: float = 0.1,
     axis_name: str | None = None,
+    learning_rate_scale=1.0,
 ):
     """One optimiser update on the token-averaged, label-smoothed cross-entropy of one batch.
 
@@ -98,6 +99,7 @@ def train_step(
       tx: the Optax optimiser.
       label_smoothing: the paper's epsilon_ls.
       axis_name: the ``pmap`` axis to average over, or None under sharded ``jit``.
+      learning_rate_scale: multiplies this update (a traced scalar): the loop's decay to zero at a time budget.
 
     Returns:
       ``(new_state, metrics)`` where metrics are sums over the global batch (``loss``, ``nll``, ``correct``,
@@ -107,7 +109,7 @@ def train_step(
         state.params, batch, _dropout_rng(rng, state.step, axis_name),
         model_config=model_config, label_smoothing=label_smoothing,
     )  # fmt: skip
-    return apply_gradients(state, grads, sums, tx=tx, axis_name=axis_name)
+    return apply_gradients(state, grads, sums, tx=tx, axis_name=axis_name, learning_rate_scale=learning_rate_scale)
 
 
 def accumulate_gradients(
@@ -151,11 +153,14 @@ def gradient_sums(params, batch: dict, dropout_rng, *, model_config: ModelConfig
     )
 
 
-def apply_gradients(state: TrainState, grads, sums: dict, *, tx: optax.GradientTransformation, axis_name=None):
+def apply_gradients(
+    state: TrainState, grads, sums: dict, *, tx: optax.GradientTransformation, axis_name=None, learning_rate_scale=1.0
+):
     """The optimiser update from summed gradients and loss sums (one batch, or several accumulated).
 
     A non-finite loss or gradient leaves the parameters and optimiser state untouched (``finite = 0``); the step
-    counts optimiser updates either way.
+    counts optimiser updates either way. ``learning_rate_scale`` multiplies the update, which for Adam (and
+    decoupled weight decay) is the same as multiplying the learning rate.
 
     Returns:
       ``(new_state, metrics)`` as for ``train_step``.
@@ -167,6 +172,7 @@ def apply_gradients(state: TrainState, grads, sums: dict, *, tx: optax.GradientT
     grads = jax.tree.map(lambda g: g / denominator, grads)
     finite = jnp.isfinite(sums["loss"]) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updates = jax.tree.map(lambda u: u * jnp.asarray(learning_rate_scale, u.dtype), updates)
     params = optax.apply_updates(state.params, updates)
     keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
     new_state = TrainState(

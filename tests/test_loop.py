@@ -23,6 +23,8 @@ import sys
 import traceback
 import warnings
 
+import jax
+import numpy as np
 import pytest
 
 from attn_jax import checkpoint as ckpt_lib
@@ -241,3 +243,58 @@ def test_copy_task_reaches_99_percent_exact_match_on_held_out_sequences(tmp_path
     # 256 validation and 256 test sequences, drawn from other seeds than the training ones.
     assert saved["validation"]["exact_match"] >= 0.99, saved["validation"]
     assert saved["test"]["exact_match"] >= 0.99, saved["test"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The low-resource recipe's loop options
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_final_evaluation_averages_the_last_checkpoints_and_picks_decoding_on_validation(tmp_path):
+    results = _train(
+        TINY, tmp_path, "train.steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=3", "train.eval_every=1",
+        "train.bleu_every=2", "eval.average_last=2", "eval.beam_sizes=(1, 2)", "eval.alphas=(0.6, 1.0)",
+    )  # fmt: skip
+    # BLEU-style scores (exact match here) only every train.bleu_every steps; loss at every evaluation.
+    evals = {r["step"]: r for r in _records(tmp_path, "eval")}
+    assert "exact_match" not in evals[1] and "exact_match" in evals[2] and "loss" in evals[3]
+    # The final evaluation scored the average of checkpoints 2 and 4, which is also saved for readers.
+    assert results["averaged_steps"] == [2, 4]
+    runs, _ = _readers()
+    config = runs.read_config(tmp_path)
+    params = {step: runs.load_model(tmp_path, config, checkpoint=step).params for step in (2, 4)}
+    averaged = runs.load_model(tmp_path, config, checkpoint="averaged").params
+    for a, b, mean in zip(*(jax.tree.leaves(t) for t in (params[2], params[4], averaged)), strict=True):
+        np.testing.assert_allclose(mean, (np.asarray(a) + np.asarray(b)) / 2, rtol=1e-6, atol=1e-7)
+    # Four beam/alpha pairs were tried on validation; the best one decoded the test split.
+    tried = results["decoding"]["tried"]
+    assert sorted((r["beam_size"], r["alpha"]) for r in tried) == [(1, 0.6), (1, 1.0), (2, 0.6), (2, 1.0)]
+    best = max(tried, key=lambda r: r["exact_match"])
+    assert (results["decoding"]["beam_size"], results["decoding"]["alpha"]) == (best["beam_size"], best["alpha"])
+    assert (
+        json.loads((tmp_path / "results.json").read_text())["validation"]["decoding"]["beam_size"] == best["beam_size"]
+    )
+
+
+def test_decay_to_budget_takes_the_learning_rate_linearly_to_zero_at_the_deadline(monkeypatch):
+    loop = _loop()
+    now = [1000.0]
+    monkeypatch.setattr(loop.time, "monotonic", lambda: now[0])
+    train = load_experiment(TINY, ["train.time_budget_minutes=10", "train.decay_to_budget=True"]).train
+    decision = loop._StopDecision(train, checkpointer=None)
+    try:
+        scales = []
+        for minute in (0, 2.5, 5, 7.5, 9.9):
+            now[0] = 1000.0 + 60 * minute
+            assert not decision(step=1)
+            scales.append(decision.learning_rate_scale())
+        np.testing.assert_allclose(scales, [1.0, 0.75, 0.5, 0.25, 0.01], atol=1e-9)
+        now[0] = 1000.0 + 600
+        assert decision(step=2) and decision.learning_rate_scale() == 0.0
+    finally:
+        decision.close()
+    off = loop._StopDecision(load_experiment(TINY, ["train.time_budget_minutes=10"]).train, checkpointer=None)
+    now[0] += 300
+    off(step=3)
+    assert off.learning_rate_scale() == 1.0
+    off.close()

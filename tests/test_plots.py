@@ -63,9 +63,22 @@ def test_learning_curves_plot_bleu_and_accuracy():
     records[-1]["bleu"] = np.float32(40.0)  # in-memory records may hold NumPy scalars
     fig = learning_curves_figure(records)
     (bleu,) = fig.axes[2].get_lines()
-    (accuracy,) = fig.axes[3].get_lines()  # the twin axis on the right
+    (accuracy,) = fig.axes[3].get_lines()  # a panel of its own: one evaluation's markers never overlap
     np.testing.assert_array_equal(bleu.get_ydata(), [20.0, 40.0])
     np.testing.assert_allclose(accuracy.get_ydata(), [0.4, 0.8])
+
+
+def test_learning_curves_compare_training_and_validation_nll_and_star_the_test_bleu():
+    records = _records() + [{"step": 20, "split": "test", "bleu": 35.0}]
+    for record in records:
+        if record["split"] == "train":
+            record["nll"] = record["loss"] - 0.5  # the training NLL, not the label-smoothed loss
+    fig = learning_curves_figure(records)
+    train, validation = fig.axes[0].get_lines()
+    np.testing.assert_allclose(train.get_ydata(), [10.0 / s - 0.5 for s in range(1, 21)])
+    np.testing.assert_allclose(validation.get_ydata(), [1.2, 0.6])
+    _, test = fig.axes[2].get_lines()
+    assert (list(test.get_xdata()), list(test.get_ydata()), test.get_marker()) == ([20], [35.0], "*")
 
 
 def test_attention_figure_shows_weights_unchanged():
