@@ -88,8 +88,8 @@ def _softmax_attention_reference(q, k, v, *, bias=None, allowed=None, scale=None
 def test_jit_of_transformer_takes_the_config_as_a_keyword_argument():
     params = _params()
     jitted = jax.jit(aj.transformer)(params, SRC, TGT, config=CONFIG)
-    eager = aj.transformer(params, SRC, TGT, config=CONFIG)
-    np.testing.assert_allclose(np.asarray(jitted), np.asarray(eager), rtol=SAME, atol=SAME)
+    expected, _ = ref.transformer(params, SRC, TGT, CONFIG)
+    np.testing.assert_allclose(np.asarray(jitted)[TGT_REAL], expected[TGT_REAL], rtol=1e-4, atol=1e-4)
     # A changed config is a different static value: recompiled, not reused.
     unscaled = dataclasses.replace(CONFIG, scale_embeddings=False)
     other = jax.jit(aj.transformer)(params, SRC, TGT, config=unscaled)
@@ -127,21 +127,21 @@ def test_filter_jit_style_partition_keeps_the_config_static():
         return call
 
     out = filter_jit(aj.transformer)(_params(), SRC, TGT, config=CONFIG)
-    np.testing.assert_allclose(np.asarray(out), np.asarray(aj.transformer(_params(), SRC, TGT, config=CONFIG)), 1e-5)
+    expected = jax.jit(aj.transformer)(_params(), SRC, TGT, config=CONFIG)  # compiled once, in the test above
+    np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=1e-5, atol=1e-5)
 
 
 def test_vmap_and_grad_take_the_config_as_an_argument():
     params = _params()
     stacked_src, stacked_tgt = jnp.stack([SRC, SRC[::-1]]), jnp.stack([TGT, TGT[::-1]])  # [E, B, S], [E, B, T]
-    mapped = jax.vmap(aj.transformer, in_axes=(None, 0, 0))(params, stacked_src, stacked_tgt, config=CONFIG)
-    np.testing.assert_allclose(
-        np.asarray(mapped[1]), np.asarray(aj.transformer(params, SRC[::-1], TGT[::-1], config=CONFIG)), 1e-5, 1e-5
-    )
+    mapped = jax.jit(jax.vmap(aj.transformer, in_axes=(None, 0, 0)))(params, stacked_src, stacked_tgt, config=CONFIG)
+    expected = jax.jit(aj.transformer)(params, SRC[::-1], TGT[::-1], config=CONFIG)
+    np.testing.assert_allclose(np.asarray(mapped[1]), np.asarray(expected), rtol=1e-5, atol=1e-5)
 
     def loss(p, config):
         return jnp.sum(aj.transformer(p, SRC, TGT, config=config) ** 2)
 
-    grads, config_grad = jax.grad(loss, argnums=(0, 1))(params, CONFIG)
+    grads, config_grad = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, CONFIG)
     assert config_grad == CONFIG  # nothing to differentiate in it
     assert float(jnp.abs(grads["decoder"]["layers"]["ffn"]["w_1"]).max()) > 0.0
 
@@ -199,10 +199,11 @@ def test_jvp_and_linearize_of_transformer_match_finite_differences(x64):
     params = _random_params(aj.init_transformer, config, seed=1, dtype=jnp.float64)
     tangent = _random_params(aj.init_transformer, config, seed=2, dtype=jnp.float64)
 
+    @jax.jit
     def f(p):
         return aj.transformer(p, SRC[:, :3], TGT[:, :4], config=config)
 
-    primal, jvp = jax.jvp(f, (params,), (tangent,))
+    primal, jvp = jax.jit(lambda p, t: jax.jvp(f, (p,), (t,)))(params, tangent)
     eps = 1e-6
     shifted = [f(jax.tree.map(lambda p, t, s=sign: p + s * eps * t, params, tangent)) for sign in (1.0, -1.0)]
     finite = (np.asarray(shifted[0]) - np.asarray(shifted[1])) / (2 * eps)
@@ -213,14 +214,11 @@ def test_jvp_and_linearize_of_transformer_match_finite_differences(x64):
     np.testing.assert_allclose(np.asarray(f_jvp(tangent)), np.asarray(jvp), rtol=1e-10, atol=1e-12)
 
 
-def test_check_grads_of_transformer_and_language_model_in_both_modes(x64):
+def test_check_grads_of_transformer_in_both_modes(x64):
     config = _small_config()
     params = _random_params(aj.init_transformer, config, seed=3, dtype=jnp.float64)
-    lm_params = _random_params(aj.init_language_model, config, seed=4, dtype=jnp.float64)
-    check_grads(lambda p: aj.transformer(_jax(p), SRC[:, :3], TGT[:, :3], config=config), (params,), order=1,
-                modes=("fwd", "rev"), atol=1e-5, rtol=1e-5)  # fmt: skip
-    check_grads(lambda p: aj.language_model(_jax(p), TGT[:, :4], config=config), (lm_params,), order=1,
-                modes=("fwd", "rev"), atol=1e-5, rtol=1e-5)  # fmt: skip
+    f = jax.jit(lambda p: aj.transformer(p, SRC[:, :3], TGT[:, :3], config=config))
+    check_grads(lambda p: f(_jax(p)), (params,), order=1, modes=("fwd", "rev"), atol=1e-5, rtol=1e-5)
 
 
 def test_jacfwd_equals_jacrev_and_hessian_matches_finite_differences_of_the_gradient(x64):
@@ -243,7 +241,7 @@ def test_jacfwd_equals_jacrev_and_hessian_matches_finite_differences_of_the_grad
 
     scale = params["decoder"]["layers"]["ffn_norm"]["scale"][0]
     hessian = np.asarray(jax.hessian(loss)(scale))
-    eps, grad = 1e-6, jax.grad(loss)
+    eps, grad = 1e-6, jax.jit(jax.grad(loss))
     finite = np.stack([(grad(scale + eps * e) - grad(scale - eps * e)) / (2 * eps) for e in np.eye(8)])
     np.testing.assert_allclose(hessian, finite, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(hessian, hessian.T, rtol=1e-10, atol=1e-12)
@@ -350,12 +348,10 @@ def test_check_grads_on_multi_head_attention_in_both_modes(x64):
         lambda r, _: aj.init_multi_head_attention(r, D, N, head_dim=H, num_kv_heads=1, use_bias=True),
         None, seed=27, dtype=jnp.float64,
     )  # fmt: skip
-    x_q, x_kv = _normal(28, (B, T, D), jnp.float64), _normal(29, (B, S, D), jnp.float64)
-    key_mask = jnp.asarray(np.asarray(SRC) != 0)
-    check_grads(
-        lambda p, q, kv: aj.multi_head_attention(_jax(p), _jax(q), _jax(kv), key_mask=key_mask, causal=True),
-        (params, x_q, x_kv), order=2, modes=("fwd", "rev"),
-    )  # fmt: skip
+    x_q, x_kv = _normal(28, (B, 3, D), jnp.float64), _normal(29, (B, 4, D), jnp.float64)
+    key_mask = jnp.array([[True, True, True, True], [True, True, False, False]])
+    f = jax.jit(lambda p, q, kv: aj.multi_head_attention(p, q, kv, key_mask=key_mask, causal=True))
+    check_grads(lambda p, q, kv: f(_jax(p), _jax(q), _jax(kv)), (params, x_q, x_kv), order=2, modes=("fwd", "rev"))
 
 
 def test_float64_config_needs_x64():
@@ -444,7 +440,7 @@ def test_masks_of_the_callers_own_hide_a_source_token():
     changed = SRC.at[:, 2].set(SRC[:, 2] % (V - 1) + 1)
 
     def run(src, **masks):
-        return np.asarray(aj.transformer(params, src, TGT, config=CONFIG, **masks))
+        return np.asarray(jax.jit(aj.transformer)(params, src, TGT, config=CONFIG, **masks))
 
     masks = {"encoder_attention_mask": hide, "cross_attention_mask": hide}
     np.testing.assert_allclose(run(changed, **masks)[TGT_REAL], run(SRC, **masks)[TGT_REAL], rtol=SAME, atol=SAME)
@@ -458,16 +454,19 @@ def test_masks_of_the_callers_own_hide_a_source_token():
 
 def test_training_pieces_are_top_level_names():
     assert callable(aj.transformer) and not hasattr(aj.transformer, "__path__")  # the function, not a module
-    tx = aj.make_optimizer(aj.rsqrt_warmup_schedule(D, 10))
-    state = aj.TrainState(step=jnp.zeros((), jnp.int32), params=_params(), opt_state=tx.init(_params()))
+    small = {"d_model": 8, "num_heads": 2, "head_dim": None, "d_ff": 8, "num_decoder_layers": 1, "scan_layers": False}
+    config = dataclasses.replace(CONFIG, **small)
+    params = _random_params(aj.init_transformer, config, seed=9)
+    tx = aj.make_optimizer(aj.rsqrt_warmup_schedule(config.d_model, 10))
+    state = aj.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
     batch = {"inputs": SRC, "targets_in": TGT, "targets_out": jnp.roll(TGT, -1, axis=1)}
-    step = jax.jit(functools.partial(aj.train_step, model_config=CONFIG, tx=tx))
-    new_state, metrics = step(state, batch, jax.random.key(0))
+    new_state, metrics = jax.jit(functools.partial(aj.train_step, model_config=config, tx=tx))(
+        state, batch, jax.random.key(0)
+    )
     assert int(new_state.step) == 1 and float(metrics["finite"]) == 1.0
-    sums = aj.cross_entropy_sums(aj.transformer(_params(), SRC, TGT, config=CONFIG), batch["targets_out"])
-    assert float(sums["weight"]) == float(jnp.sum(batch["targets_out"] != 0))
+    assert float(metrics["weight"]) == float(jnp.sum(batch["targets_out"] != 0))  # cross_entropy_sums' count
     for name in ("cross_entropy_sums", "rsqrt_warmup_schedule", "make_optimizer", "train_step", "TrainState"):
-        assert name in aj.__all__
+        assert name in aj.__all__ and getattr(aj, name) is not None
 
 
 def _readme_section(title: str) -> str:
