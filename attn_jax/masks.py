@@ -92,6 +92,69 @@ def segment_positions(segment_ids: Int[Array, "*B T"]) -> Int[Array, "*B T"]:
     return index - jax.lax.cummax(starts, axis=segment_ids.ndim - 1)
 
 
+def real_tokens(
+    ids: Int[Array, "*B T"] | None,
+    *,
+    mask: Bool[Array, "*B T"] | None = None,
+    segment_ids: Int[Array, "*B T"] | None = None,
+    pad_id: int = 0,
+    shape: tuple[int, ...] | None = None,
+    name: str = "",
+) -> Bool[Array, "*B T"] | None:
+    """True at real (non-padding) tokens: the AND of ``ids != pad_id``, ``mask`` and ``segment_ids != 0``.
+
+    Args:
+      ids: token ids, or None (embeddings: no ids to read).
+      mask: the caller's per-token mask, True = real.
+      segment_ids: packed-sequence ids, 0 = padding.
+      pad_id: the padding id.
+      shape: the ``[..., T]`` shape every given array must have (default: ``ids``'s).
+      name: prefix of the argument names in error messages (``"src_"``).
+
+    Returns:
+      ``[..., T]`` boolean, or None when nothing was given (every token real).
+
+    Example:
+      >>> real_tokens(jnp.array([[5, 6, 0]]), segment_ids=jnp.array([[1, 0, 0]])).tolist()
+      [[True, False, False]]
+    """
+    shape = tuple(ids.shape if shape is None else shape)
+    for what, x in ((f"{name}mask", mask), (f"{name}segment_ids", segment_ids)):
+        if x is not None and tuple(x.shape) != shape:
+            raise ValueError(f"{what} must be [B, T] = {shape} like the inputs, got shape {tuple(x.shape)}")
+    if mask is not None and mask.dtype != jnp.bool_:
+        raise TypeError(f"{name}mask must be boolean (True = a real token), got dtype {mask.dtype}")
+    real = None if ids is None else ids != pad_id
+    for extra in (mask, None if segment_ids is None else segment_ids != 0):
+        if extra is not None:
+            real = extra if real is None else real & extra
+    return real
+
+
+def pair_mask(q_real: Bool[Array, "B T"] | None, kv_real: Bool[Array, "B S"] | None) -> Bool[Array, "B 1 #T #S"] | None:
+    """``[B, T] x [B, S] -> [B, 1, T, S]``: query and key both real (``padding_mask`` for booleans); a None side
+    is all real.
+
+    Example:
+      >>> pair_mask(jnp.array([[True, False]]), jnp.array([[True, True, False]]))[0, 0].astype(int).tolist()
+      [[1, 1, 0], [0, 0, 0]]
+    """
+    if q_real is None and kv_real is None:
+        return None
+    if q_real is None:
+        return kv_real[:, None, None, :]
+    if kv_real is None:
+        return q_real[:, None, :, None]
+    return q_real[:, None, :, None] & kv_real[:, None, None, :]
+
+
+def segment_pair_mask(q_segments, kv_segments, what: str):
+    """``segment_mask`` when both sides are packed, None when neither is; one side alone is an error."""
+    if (q_segments is None) != (kv_segments is None):
+        raise ValueError(f"{what}: pass segment ids for both sides of a packed batch, or for neither")
+    return None if q_segments is None else segment_mask(q_segments, kv_segments)
+
+
 def causal_mask(T: int, S: int | None = None) -> Bool[Array, "1 1 T S"]:
     """Lets query t attend to keys 0..t (top-left aligned, as ``jax.nn.dot_product_attention``).
 

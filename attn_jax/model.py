@@ -30,110 +30,25 @@ from attn_jax.blocks import (
     run_stack,
     split_rngs,
 )
-from attn_jax.masks import causal_mask, combine_masks, segment_mask, segment_positions
-from attn_jax.model_config import ConfigError, TransformerConfig
-from attn_jax.types import Array, Bool, Float, Int, PRNGKeyArray, ensure_static, upcast_dtype
+from attn_jax.inputs import (
+    LM_TABLE,
+    check_vocab,
+    embed_inputs,
+    final_norm,
+    is_embeddings,
+    output_logits,
+    positions_of,
+    real_of,
+    source_real,
+    table_name,
+)
+from attn_jax.masks import causal_mask, combine_masks, pair_mask, segment_pair_mask
+from attn_jax.model_config import TransformerConfig
+from attn_jax.types import Array, Bool, Float, Int, PRNGKeyArray, ensure_static
 
 # Token ids or the caller's embeddings in their place: source [B, S] | [B, S, D], target [B, T] | [B, T, D].
 Source = Int[Array, "B S"] | Float[Array, "B S D"]
 Target = Int[Array, "B T"] | Float[Array, "B T D"]
-
-# ----------------------------------------------------------------------------------------------------------
-# Inputs: embeddings, positions and masks
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _is_embeddings(inputs) -> bool:
-    return jnp.issubdtype(inputs.dtype, jnp.floating)
-
-
-def _embed(params, inputs, table: str, stack, *, config: TransformerConfig, rng, offset=0, positions=None):
-    """Token embedding (x sqrt(D)), or the caller's embeddings, plus positions, then dropout (§3.4, §3.5, §5.4).
-
-    ``positions`` ``[B, T]`` (packed rows: restarting at 0 in each sequence) replaces ``offset + 0 .. T-1``.
-    """
-    embeddings = _is_embeddings(inputs)
-    if inputs.ndim != (3 if embeddings else 2) or inputs.shape[1] == 0:
-        raise ValueError(f"inputs must be non-empty [B, T] token ids or [B, T, D] embeddings, got {inputs.shape}")
-    T = inputs.shape[1]
-    if isinstance(offset, int) and offset + T > config.max_len:
-        raise ValueError(f"sequence of length {offset + T} exceeds TransformerConfig.max_len={config.max_len}")
-    _check_per_token("positions", positions, inputs.shape[:2])
-    dtype = jnp.dtype(config.dtype)
-    if embeddings:
-        if inputs.shape[2] != config.d_model:
-            raise ValueError(f"embeddings {inputs.shape} must end in d_model={config.d_model}")
-        x = inputs.astype(dtype)
-    else:
-        x = layers.embed(params[table], inputs, scale=config.scale_embeddings, dtype=dtype)
-    which = T if positions is None else positions  # [T, D] broadcast over the batch, or [B, T, D] per token
-    if config.positions == "learned":
-        pe = layers.learned_positions(stack["positions"], which, offset=offset)
-    else:
-        pe = layers.sinusoidal_positions(which, config.d_model, offset=offset, dtype=upcast_dtype(dtype))
-    pe = pe[None] if positions is None else pe
-    return layers.dropout(x + pe.astype(dtype), config.dropout_rate, rng)
-
-
-def _check_per_token(name: str, x, shape) -> None:
-    if x is not None and tuple(x.shape) != tuple(shape):
-        raise ValueError(f"{name} must be [B, T] = {tuple(shape)} like the inputs, got shape {tuple(x.shape)}")
-
-
-def _real(inputs, mask, segment_ids, name: str, config: TransformerConfig, *, shape=None):
-    """``[B, T]`` True at real (non-padding) tokens, or None when nothing says which are padding.
-
-    The AND of what is given: the caller's ``mask``, ``segment_ids != 0`` and, for token ids,
-    ``inputs != pad_id`` (``inputs`` None or embeddings: no ids to read; ``shape`` is then ``[B, T]``).
-    """
-    shape = inputs.shape[:2] if shape is None else shape
-    _check_per_token(f"{name}mask", mask, shape)
-    _check_per_token(f"{name}segment_ids", segment_ids, shape)
-    if mask is not None and mask.dtype != jnp.bool_:
-        raise TypeError(f"{name}mask must be boolean (True = a real token), got dtype {mask.dtype}")
-    real = None if inputs is None or _is_embeddings(inputs) else inputs != config.pad_id
-    for extra in (mask, None if segment_ids is None else segment_ids != 0):
-        if extra is not None:
-            real = extra if real is None else real & extra
-    return real
-
-
-def _pair_mask(q_real, kv_real):
-    """``[B, T] x [B, S] -> [B, 1, T, S]``: query and key both real (``padding_mask`` for booleans)."""
-    if q_real is None and kv_real is None:
-        return None
-    if q_real is None:
-        return kv_real[:, None, None, :]
-    if kv_real is None:
-        return q_real[:, None, :, None]
-    return q_real[:, None, :, None] & kv_real[:, None, None, :]
-
-
-def _segments(q_segments, kv_segments, what: str):
-    if (q_segments is None) != (kv_segments is None):
-        raise ValueError(f"{what}: pass segment ids for both sides of a packed batch, or for neither")
-    return None if q_segments is None else segment_mask(q_segments, kv_segments)
-
-
-def _positions(positions, segment_ids):
-    """The caller's positions; else, for packed rows, positions restarting at each segment; else None."""
-    if positions is None and segment_ids is not None:
-        return segment_positions(segment_ids)
-    return positions
-
-
-def _final_norm(stack, x, config: TransformerConfig):
-    return layers.layer_norm(stack["norm"], x, epsilon=config.layer_norm_epsilon) if config.has_final_norm else x
-
-
-# A decoder-only model has one vocabulary table, whatever share_embeddings says.
-_LM_TABLE = "embedding"
-
-
-def _table(kind: str, config: TransformerConfig) -> str:
-    """The parameter key of the ``"source"`` or ``"target"`` embedding of the encoder-decoder model."""
-    return "embedding" if config.share_embeddings else f"{kind}_embedding"
-
 
 # ----------------------------------------------------------------------------------------------------------
 # The encoder-decoder model
@@ -170,10 +85,10 @@ def encode(
       memory ``[B, S, D]`` (and the weights with ``return_weights``).
     """
     ensure_static("encode", return_weights=return_weights)
-    real = _real(src, src_mask, segment_ids, "src_", config)
-    mask = combine_masks(_pair_mask(real, real), _segments(segment_ids, segment_ids, "encode"), attention_mask)
+    real = real_of(src, src_mask, segment_ids, "src_", config)
+    mask = combine_masks(pair_mask(real, real), segment_pair_mask(segment_ids, segment_ids, "encode"), attention_mask)
     memory, weights = _self_attention_stack(
-        params, "encoder", src, _table("source", config), mask, _positions(positions, segment_ids),
+        params, "encoder", src, table_name("source", config), mask, positions_of(positions, segment_ids),
         config=config, rng=dropout_rng, return_weights=return_weights,
     )  # fmt: skip
     return (memory, weights) if return_weights else memory
@@ -186,7 +101,7 @@ def _self_attention_stack(params, stack_name: str, inputs, table: str, mask, pos
     """
     r_embed, r_layers = split_rngs(rng, 2)
     stack = params[stack_name]
-    x = _embed(params, inputs, table, stack, config=config, rng=r_embed, positions=positions)
+    x = embed_inputs(params, inputs, table, stack, config=config, rng=r_embed, positions=positions)
 
     def block(p, h, layer_rng):
         h, (weights, _) = apply_encoder_block(
@@ -196,7 +111,7 @@ def _self_attention_stack(params, stack_name: str, inputs, table: str, mask, pos
 
     num_layers = jax.tree.leaves(stack["layers"])[0].shape[0]
     x, weights = run_stack(block, stack["layers"], x, layer_rngs(r_layers, num_layers), config=config)
-    return _final_norm(stack, x, config), weights
+    return final_norm(stack, x, config), weights
 
 
 def decode(
@@ -243,16 +158,16 @@ def decode(
     r_embed, r_layers = split_rngs(dropout_rng, 2)
     stack = params["decoder"]
     T = tgt.shape[1]
-    positions = _positions(positions, segment_ids)
-    y = _embed(params, tgt, _table("target", config), stack, config=config, rng=r_embed, positions=positions)
-    tgt_real = _real(tgt, tgt_mask, segment_ids, "tgt_", config)
-    src_real = _source_real(src_tokens, src_mask, src_segment_ids, memory, config)
+    positions = positions_of(positions, segment_ids)
+    y = embed_inputs(params, tgt, table_name("target", config), stack, config=config, rng=r_embed, positions=positions)
+    tgt_real = real_of(tgt, tgt_mask, segment_ids, "tgt_", config)
+    src_real = source_real(src_tokens, src_mask, src_segment_ids, memory, config)
     self_mask = combine_masks(
-        _pair_mask(tgt_real, tgt_real), causal_mask(T), _segments(segment_ids, segment_ids, "decode"),
+        pair_mask(tgt_real, tgt_real), causal_mask(T), segment_pair_mask(segment_ids, segment_ids, "decode"),
         self_attention_mask,
     )  # fmt: skip
-    cross_segments = _segments(segment_ids, src_segment_ids, "decode (segment_ids, src_segment_ids)")
-    cross_mask = combine_masks(_pair_mask(tgt_real, src_real), cross_segments, cross_attention_mask)
+    cross_segments = segment_pair_mask(segment_ids, src_segment_ids, "decode (segment_ids, src_segment_ids)")
+    cross_mask = combine_masks(pair_mask(tgt_real, src_real), cross_segments, cross_attention_mask)
 
     def block(p, h, rng):
         kv = project_key_value(p["cross_attention"], memory)
@@ -263,21 +178,8 @@ def decode(
         return h, {"self": self_w, "cross": cross_w}
 
     y, weights = run_stack(block, stack["layers"], y, layer_rngs(r_layers, config.num_decoder_layers), config=config)
-    logits = _logits(params, _final_norm(stack, y, config), config, _table("target", config))
+    logits = output_logits(params, final_norm(stack, y, config), config, table_name("target", config))
     return (logits, weights) if return_weights else logits
-
-
-def _source_real(src_tokens, src_mask, src_segment_ids, memory, config: TransformerConfig):
-    """``[B, S]`` True at real source positions (from ids, a mask and/or segment ids), or None."""
-    if src_tokens is not None and (src_tokens.shape != memory.shape[:2] or _is_embeddings(src_tokens)):
-        raise ValueError(f"src_tokens must be [B, S] ids matching memory {memory.shape}, got {src_tokens.shape}")
-    return _real(src_tokens, src_mask, src_segment_ids, "src_", config, shape=memory.shape[:2])
-
-
-def _logits(params, y, config: TransformerConfig, input_table: str):
-    """Pre-softmax projection through the input embedding (tied, §3.4) or a separate output table."""
-    table = input_table if config.tie_output_embedding else "output_embedding"
-    return layers.shared_logits(params[table], y).astype(upcast_dtype(y.dtype))
 
 
 def transformer(
@@ -326,7 +228,7 @@ def transformer(
       (2, 3, 11)
     """
     ensure_static("transformer", return_weights=return_weights)
-    _check_vocab(params, config, _table("target", config))
+    check_vocab(params, config, table_name("target", config))
     r_enc, r_dec = split_rngs(dropout_rng, 2)
     encoded = encode(
         params, src, config=config, src_mask=src_mask, positions=src_positions, segment_ids=src_segment_ids,
@@ -334,7 +236,7 @@ def transformer(
     )  # fmt: skip
     memory = encoded[0] if return_weights else encoded
     decoded = decode(
-        params, tgt, memory, None if _is_embeddings(src) else src, config=config, tgt_mask=tgt_mask,
+        params, tgt, memory, None if is_embeddings(src) else src, config=config, tgt_mask=tgt_mask,
         src_mask=src_mask, positions=tgt_positions, segment_ids=tgt_segment_ids, src_segment_ids=src_segment_ids,
         self_attention_mask=decoder_attention_mask, cross_attention_mask=cross_attention_mask, dropout_rng=r_dec,
         return_weights=return_weights,
@@ -343,15 +245,6 @@ def transformer(
         return decoded
     logits, dec_w = decoded
     return logits, {"encoder": encoded[1], "decoder": dec_w["self"], "cross": dec_w["cross"]}
-
-
-def _check_vocab(params, config: TransformerConfig, table_name: str):
-    table = params[table_name]["embedding"]
-    if table.shape != (config.vocab_size, config.d_model):
-        raise ConfigError(
-            f"TransformerConfig.vocab_size/d_model: params have an embedding of shape {table.shape}, "
-            f"config expects ({config.vocab_size}, {config.d_model})"
-        )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -388,17 +281,15 @@ def language_model(
       logits ``[B, T, V]`` predicting token ``t + 1`` at position ``t`` (and the weights).
     """
     ensure_static("language_model", return_weights=return_weights)
-    _check_vocab(params, config, _LM_TABLE)
-    real = _real(tokens, mask, segment_ids, "", config)
-    full_mask = combine_masks(
-        _pair_mask(real, real), causal_mask(tokens.shape[1]), _segments(segment_ids, segment_ids, "language_model"),
-        attention_mask,
-    )  # fmt: skip
+    check_vocab(params, config, LM_TABLE)
+    real = real_of(tokens, mask, segment_ids, "", config)
+    segments = segment_pair_mask(segment_ids, segment_ids, "language_model")
+    full_mask = combine_masks(pair_mask(real, real), causal_mask(tokens.shape[1]), segments, attention_mask)
     x, weights = _self_attention_stack(
-        params, "decoder", tokens, _LM_TABLE, full_mask, _positions(positions, segment_ids), config=config,
+        params, "decoder", tokens, LM_TABLE, full_mask, positions_of(positions, segment_ids), config=config,
         rng=dropout_rng, return_weights=return_weights,
     )  # fmt: skip
-    logits = _logits(params, x, config, _LM_TABLE)
+    logits = output_logits(params, x, config, LM_TABLE)
     return (logits, weights) if return_weights else logits
 
 
@@ -434,13 +325,13 @@ def init_decode_cache(
     """
     if not 0 < max_len <= config.max_len:
         raise ValueError(f"max_len={max_len} must be in [1, TransformerConfig.max_len={config.max_len}]")
-    source_real = _source_real(src_tokens, src_mask, None, memory, config)
+    real = source_real(src_tokens, src_mask, None, memory, config)
     cross = params["decoder"]["layers"]["cross_attention"]
     k, v = jax.vmap(lambda p: project_key_value(p, memory))(cross)  # [L, B, S, K, H] each
     return {
         "self": _empty_self_cache(config, memory.shape[0], max_len, config.num_decoder_layers),
         "cross": {"k": k, "v": v},
-        "source_real": jnp.ones(memory.shape[:2], jnp.bool_) if source_real is None else source_real,
+        "source_real": jnp.ones(memory.shape[:2], jnp.bool_) if real is None else real,
         "index": jnp.zeros((), jnp.int32),
     }
 
@@ -474,7 +365,7 @@ def decode_step(params, cache: dict, tokens: Int[Array, "B T"], *, config: Trans
     """
     index, max_len = cache["index"], cache["self"]["k"].shape[2]
     stack = params["decoder"]
-    y = _embed(params, tokens, _table("target", config), stack, config=config, rng=None, offset=index)
+    y = embed_inputs(params, tokens, table_name("target", config), stack, config=config, rng=None, offset=index)
     self_mask = _cached_self_mask(index, tokens.shape[1], max_len)
     cross_mask = cache["source_real"][:, None, None, :]  # [B, S] -> [B, 1, 1, S]
 
@@ -488,7 +379,7 @@ def decode_step(params, cache: dict, tokens: Int[Array, "B T"], *, config: Trans
 
     per_layer = {"self": cache["self"], "cross": cache["cross"]}
     y, self_cache = run_stack(block, stack["layers"], y, per_layer, config=config)
-    logits = _logits(params, _final_norm(stack, y, config), config, _table("target", config))
+    logits = output_logits(params, final_norm(stack, y, config), config, table_name("target", config))
     return logits, cache | {"self": self_cache, "index": index + tokens.shape[1]}
 
 
@@ -504,7 +395,7 @@ def language_model_step(params, cache: dict, tokens: Int[Array, "B T"], *, confi
     """``language_model`` for the next ``T`` tokens given the cached prefix: ``(logits [B, T, V], cache)``."""
     index, max_len = cache["index"], cache["self"]["k"].shape[2]
     stack = params["decoder"]
-    x = _embed(params, tokens, _LM_TABLE, stack, config=config, rng=None, offset=index)
+    x = embed_inputs(params, tokens, LM_TABLE, stack, config=config, rng=None, offset=index)
     mask = _cached_self_mask(index, tokens.shape[1], max_len)
 
     def block(p, h, layer_cache):
@@ -514,7 +405,7 @@ def language_model_step(params, cache: dict, tokens: Int[Array, "B T"], *, confi
         return h, new_cache
 
     x, self_cache = run_stack(block, stack["layers"], x, cache["self"], config=config)
-    logits = _logits(params, _final_norm(stack, x, config), config, _LM_TABLE)
+    logits = output_logits(params, final_norm(stack, x, config), config, LM_TABLE)
     return logits, {"self": self_cache, "index": index + tokens.shape[1]}
 
 
@@ -560,7 +451,7 @@ def init_transformer(rng: PRNGKeyArray, config: TransformerConfig) -> dict:
 def init_language_model(rng: PRNGKeyArray, config: TransformerConfig) -> dict:
     """Parameters of ``language_model``: ``{"embedding", ["output_embedding"], "decoder": {...}}``."""
     r_emb, r_dec = jax.random.split(rng)
-    names = [_LM_TABLE] + ([] if config.tie_output_embedding else ["output_embedding"])
+    names = [LM_TABLE] + ([] if config.tie_output_embedding else ["output_embedding"])
     return _init_embeddings(r_emb, names, config) | {
         "decoder": _init_stack(r_dec, init_encoder_block, config.num_decoder_layers, config)
     }

@@ -291,6 +291,16 @@ def test_sinusoidal_relative_position_is_a_rotation():
     np.testing.assert_allclose(pairs[k:, :, 1], shifted_cos, atol=ATOL)
 
 
+def test_positions_of_packed_rows_index_each_token():
+    positions = jnp.array([[0, 1, 2, 0, 1], [4, 3, 2, 1, 0]], jnp.int32)  # [B, T]: restarting, any order
+    out = np.asarray(sinusoidal_positions(positions, D), np.float64)
+    assert out.shape == (2, 5, D)
+    table = ref.sinusoid(5, D)
+    np.testing.assert_allclose(out, table[np.asarray(positions)], rtol=RTOL, atol=ATOL)
+    learned = jnp.arange(7 * D, dtype=jnp.float32).reshape(7, D)
+    np.testing.assert_array_equal(np.asarray(learned_positions(learned, positions)), np.asarray(learned)[positions])
+
+
 def test_learned_positions_slices_rows():
     table = jnp.arange(23 * D, dtype=jnp.float32).reshape(23, D)
     np.testing.assert_array_equal(np.asarray(learned_positions(table, T)), np.asarray(table)[:T])

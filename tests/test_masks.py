@@ -4,7 +4,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attn_jax.masks import causal_mask, combine_masks, padding_mask
+from attn_jax.masks import (
+    causal_mask,
+    combine_masks,
+    key_padding_mask,
+    length_mask,
+    padding_mask,
+    pair_mask,
+    real_tokens,
+    segment_mask,
+    segment_positions,
+)
 
 # ---------------------------------------------------------------------------------------------------------
 # padding_mask
@@ -133,3 +143,38 @@ def test_combine_masks_rejects_non_bool_under_typechecks():
     # Under pytest the jaxtyping hook sees the non-boolean mask first; either way it is a TypeError.
     with pytest.raises(TypeError):
         combine_masks(jnp.ones((1, 1, 2, 2), jnp.float32))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Packing, lengths and token masks
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_segment_mask_is_block_diagonal_without_padding():
+    segments = np.array([[1, 1, 2, 2, 2, 0]])
+    expected = (segments[0][:, None] == segments[0][None, :]) & (segments[0][:, None] != 0)
+    out = segment_mask(jnp.asarray(segments), jnp.asarray(segments))
+    assert out.shape == (1, 1, 6, 6)
+    np.testing.assert_array_equal(np.asarray(out)[0, 0], expected)
+
+
+def test_segment_positions_restart_at_each_sequence():
+    segments = jnp.array([[1, 1, 1, 2, 3, 3, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]])
+    assert segment_positions(segments).tolist() == [[0, 1, 2, 0, 0, 1, 0, 1], list(range(8))]
+
+
+def test_length_and_token_masks():
+    assert length_mask(jnp.array([0, 2]), 3).tolist() == [[False, False, False], [True, True, False]]
+    ids = jnp.array([[4, 5, 0, 0]])
+    real = real_tokens(ids, mask=jnp.array([[True, False, True, True]]), segment_ids=jnp.array([[1, 1, 1, 0]]))
+    assert real.tolist() == [[True, False, False, False]]
+    assert real_tokens(None, shape=(1, 4)) is None
+    np.testing.assert_array_equal(
+        np.asarray(pair_mask(real, real)), np.asarray(padding_mask(jnp.where(real, ids, 0), jnp.where(real, ids, 0)))
+    )
+    assert key_padding_mask(real).shape == (1, 1, 1, 4)
+
+
+def test_token_mask_of_the_wrong_shape_is_refused(without_runtime_typechecks):
+    with pytest.raises(ValueError, match=r"src_mask must be \[B, T\]"):
+        real_tokens(jnp.ones((2, 3), jnp.int32), mask=jnp.ones((2, 4), jnp.bool_), name="src_")

@@ -162,7 +162,7 @@ def test_pad_id_must_be_in_the_vocabulary(value):
 
 @pytest.mark.parametrize(
     "field, value",
-    [("positions", "rotary"), ("dtype", "float64"), ("dtype", "bf16"), ("attention_implementation", "flash")],
+    [("positions", "rotary"), ("dtype", "float8"), ("dtype", "bf16"), ("attention_implementation", "flash")],
 )
 def test_unknown_choices(field, value):
     with _raises_naming(field):
@@ -238,3 +238,31 @@ def test_required_ints_reject_none(field):
 
 def test_config_error_is_a_value_error():
     assert issubclass(ConfigError, ValueError)
+
+
+def test_float64_needs_x64_and_is_accepted_with_it():
+    with _raises_naming("dtype"):
+        _make(dtype="float64")
+    jax.config.update("jax_enable_x64", True)
+    try:
+        assert _make(dtype="float64").dtype == "float64"
+    finally:
+        jax.config.update("jax_enable_x64", False)
+
+
+@pytest.mark.parametrize(
+    ("norm_first", "final_norm", "expected"),
+    [(False, None, False), (True, None, True), (False, True, True), (True, False, False)],
+)
+def test_final_norm_defaults_to_norm_first(norm_first, final_norm, expected):
+    assert _make(norm_first=norm_first, final_norm=final_norm).has_final_norm is expected
+
+
+def test_static_pytree_without_leaves():
+    config = _make()
+    assert jax.tree.leaves(config) == []
+    assert jax.tree.unflatten(jax.tree.structure(config), []) == config
+    # jit takes it as an ordinary argument: a changed config is a new static value.
+    f = jax.jit(lambda c, x: x * c.d_model)
+    assert int(f(config, jnp.ones((), jnp.int32))) == config.d_model
+    assert int(f(dataclasses.replace(config, d_model=6, num_heads=2), jnp.ones((), jnp.int32))) == 6
