@@ -2,7 +2,7 @@
 
 Every decoder is run under ``jax.jit`` with its configuration static. The references are written from the
 definitions: teacher-forced ``decode`` / ``language_model`` re-runs, and an exhaustive enumeration of every
-hypothesis of a 5-token vocabulary for beam search.
+hypothesis of a 5-token vocabulary for beam search, for the Transformer and the recurrent families alike.
 """
 
 import functools
@@ -23,8 +23,11 @@ from attn_jax.decoding import (
     max_output_length,
     sample_language_model,
 )
-from attn_jax.model_config import TransformerConfig
+from attn_jax.families import family, translate_logits
 from attn_jax.model import decode, encode, init_language_model, init_transformer, language_model
+from attn_jax.model_config import TransformerConfig
+from attn_jax.rnn_encdec import RNNEncDecConfig
+from attn_jax.rnnsearch import RNNSearchConfig
 
 PAD, EOS, BOS = 0, 1, 2
 
@@ -207,7 +210,8 @@ def _all_hypotheses(V: int, T: int) -> list[tuple[int, ...]]:
 
 
 def _teacher_forced_log_probs(params, sources, inputs, *, config):
-    return jax.nn.log_softmax(decode(params, inputs, encode(params, sources, config=config), sources, config=config))
+    # Any family: the Transformer's decode(encode(...)), or a recurrent model's teacher forcing.
+    return jax.nn.log_softmax(translate_logits(params, sources, inputs, config=config))
 
 
 def _brute_force_scores(params, src_row: np.ndarray, hypotheses, *, config, T: int, alpha: float) -> np.ndarray:
@@ -251,6 +255,74 @@ def test_beam_search_is_exact_with_a_wide_beam(T, alpha):
         np.testing.assert_allclose(scores[b, :found], truth[order[:found]], rtol=1e-5, atol=1e-5)
         assert {_as_tuple(row) for row in tokens[b, :found]} == {hypotheses[j] for j in order[:found]}
         assert np.isneginf(scores[b, found:]).all() and (tokens[b, found:] == PAD).all()
+
+
+# The recurrent families on the same exhaustive check: their cache is the decoder state, one per hypothesis.
+RECURRENT_CONFIGS = {
+    "rnnsearch": dict(cls=RNNSearchConfig, embed_dim=4, hidden_dim=6, alignment_dim=5, maxout_dim=3),
+    "rnnsearch_dot": dict(cls=RNNSearchConfig, embed_dim=4, hidden_dim=6, encoder_dim=3, maxout_dim=3, score="dot"),
+    "rnnsearch_general": dict(cls=RNNSearchConfig, embed_dim=4, hidden_dim=6, maxout_dim=3, score="general"),
+    "rnn_encdec": dict(cls=RNNEncDecConfig, embed_dim=4, hidden_dim=6, maxout_dim=3),
+}
+
+
+def _recurrent_config(name: str, V: int):
+    sizes = dict(RECURRENT_CONFIGS[name])
+    return sizes.pop("cls")(source_vocab=V, target_vocab=V, max_len=32, **sizes)
+
+
+def _random_recurrent(name: str, V: int, seed: int):
+    """A random recurrent model with unit-normal weights and no biases (but the additive score's ``v``): its
+    outputs depend on the source and vary along the output, where random biases would make every step alike."""
+    config = _recurrent_config(name, V)
+    params = _jit(family(config).init, jax.random.key(seed), config=config)
+    rng = np.random.default_rng(seed)
+
+    def randomise(path, w):
+        if w.ndim == 1 and jax.tree_util.keystr(path) != "['attention']['v']":
+            return jnp.zeros_like(w)
+        return jnp.asarray(rng.normal(size=w.shape), jnp.float32)
+
+    return config, jax.tree_util.tree_map_with_path(randomise, params)
+
+
+@pytest.mark.parametrize("name", list(RECURRENT_CONFIGS))
+@pytest.mark.parametrize(("T", "alpha"), [(3, 2.0), (4, 0.6)])
+def test_recurrent_beam_search_is_exact_with_a_wide_beam(name, T, alpha):
+    V = 5
+    config, params = _random_recurrent(name, V, seed=T)
+    src = _sources(np.random.default_rng(T), [4, 2], S=4, V=V)
+    hypotheses = _all_hypotheses(V, T)
+    beam = V ** (T - 1)
+    tokens, scores = map(
+        np.asarray, _jit(beam_search, params, src, config=config, max_len=T, beam_size=beam, alpha=alpha)
+    )
+    found = min(beam, len(hypotheses))
+    for b in range(src.shape[0]):
+        truth = _brute_force_scores(params, src[b], hypotheses, config=config, T=T, alpha=alpha)
+        order = np.argsort(-truth, kind="stable")
+        assert _as_tuple(tokens[b, 0]) == hypotheses[order[0]]
+        np.testing.assert_allclose(scores[b, :found], truth[order[:found]], rtol=1e-5, atol=1e-5)
+        assert {_as_tuple(row) for row in tokens[b, :found]} == {hypotheses[j] for j in order[:found]}
+        assert np.isneginf(scores[b, found:]).all() and (tokens[b, found:] == PAD).all()
+
+
+@pytest.mark.parametrize("name", list(RECURRENT_CONFIGS))
+def test_recurrent_greedy_is_beam_one_and_the_argmax_of_its_own_teacher_forcing(name):
+    config, params = _random_recurrent(name, 7, seed=21)
+    src = _sources(np.random.default_rng(21), [4, 2, 3, 4], S=4, V=7)
+    greedy = np.asarray(_jit(greedy_decode, params, src, config=config, max_len=6))
+    assert len({tuple(row) for row in greedy}) > 1, greedy  # the outputs depend on the source
+    tokens, _ = _jit(beam_search, params, src, config=config, max_len=6, beam_size=1, alpha=0.0)
+    np.testing.assert_array_equal(np.asarray(tokens[:, 0]), greedy)
+    _assert_pad_only_after_eos(greedy)
+    # Up to its EOS, every greedy token is the argmax of the teacher-forced logits at that position.
+    inputs = np.concatenate([np.full((len(src), 1), BOS, np.int32), greedy[:, :-1]], axis=1)
+    logits = np.array(_jit(translate_logits, params, src, inputs, config=config))
+    logits[..., PAD] = -np.inf
+    for row, row_logits in zip(greedy, logits, strict=True):
+        n = len(_as_tuple(row))
+        np.testing.assert_array_equal(row_logits[:n].argmax(-1), row[:n])
 
 
 def test_narrow_beam_scores_are_true_scores_of_its_outputs():
