@@ -222,3 +222,33 @@ def test_train_state_of_each_family_has_the_family_parameters():
     cfg = model_config(load_experiment(TINY, ["model.family=rnn_encdec"]), vocab_size=32)
     state = init_train_state(jax.random.key(0), cfg, optax.adam(1e-3))
     assert isinstance(state, TrainState) and set(state.params) >= {"encoder", "decoder", "readout", "w_c"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The command line: train, eval, translate and average a text model of each recurrent family
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", RECURRENT)
+def test_train_eval_translate_and_average_a_recurrent_text_model(name, tmp_path):
+    workflows = importlib.import_module("tests.test_workflows")  # its generated Ding file and CLI helpers
+    (tmp_path / "de-en").write_bytes(b"\n".join(workflows.ding_lines()) + b"\n")
+    workdir = tmp_path / "run"
+    overrides = [*workflows.DING_OVERRIDES, f"data.ding_file={tmp_path / 'de-en'}", f"model.family={name}",
+                 "train.steps=4", "train.checkpoint_every=2", "train.log_every=2"]  # fmt: skip
+    train = [f"--config.{o}" for o in overrides]
+    out = workflows.ok(workflows.attn_jax("train", "--config", workflows.DING, "--workdir", str(workdir), *train,
+                                          cwd=tmp_path, devices=2))  # fmt: skip
+    assert "test bleu" in out
+    assert json.loads((workdir / "config.json").read_text())["model"]["family"] == name
+    results = json.loads(workflows.ok(workflows.attn_jax("eval", "--workdir", str(workdir), cwd=tmp_path)))
+    assert results["step"] == 4 and {"loss", "perplexity", "bleu"} <= set(results["validation"])
+    sentences = ["The dog sees the house today.", "Where is the station?"]
+    out = workflows.ok(workflows.attn_jax("translate", "--workdir", str(workdir), *sentences, cwd=tmp_path))
+    assert len(out.splitlines()) == len(sentences)
+    assert "[2, 4]" in workflows.ok(workflows.attn_jax("average", "--workdir", str(workdir), "--last", "2",
+                                                       cwd=tmp_path))  # fmt: skip
+    averaged = workflows.attn_jax("translate", "--workdir", str(workdir), "--checkpoint", "averaged", "Hello.",
+                                  cwd=tmp_path)  # fmt: skip
+    assert len(workflows.ok(averaged).splitlines()) == 1
