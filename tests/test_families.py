@@ -23,6 +23,7 @@ import optax
 import pytest
 
 from attn_jax import parallel
+from attn_jax.bench import families as families_bench
 from attn_jax.checkpoint import Checkpointer
 from attn_jax.config import ConfigError, load_experiment, model_config
 from attn_jax.families import FAMILIES, RNN_ENCDEC, RNNSEARCH, TRANSFORMER, family
@@ -252,3 +253,9 @@ def test_train_eval_translate_and_average_a_recurrent_text_model(name, tmp_path)
     averaged = workflows.attn_jax("translate", "--workdir", str(workdir), "--checkpoint", "averaged", "Hello.",
                                   cwd=tmp_path)  # fmt: skip
     assert len(workflows.ok(averaged).splitlines()) == 1
+    # `attn-jax bench families` reads the run: its family, clock and checkpoints, and scores one budget.
+    scored = families_bench.score_run(workdir, budgets=(1e6,), max_sentences=4)
+    assert scored["family"] == name and scored["steps_trained"] == 4
+    (entry,) = scored["budgets"]
+    assert entry["step"] == 4 and entry["test_sentences"] == 4 and 0.0 <= entry["test_bleu"] <= 100.0
+    assert sum(bucket["sentences"] for bucket in entry["by_length"]) == 4 and entry["validation_perplexity"] > 1.0

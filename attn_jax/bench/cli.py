@@ -8,12 +8,15 @@
     .venv/bin/python -m attn_jax.bench scaling --devices 1 2 4 8
     .venv/bin/python -m attn_jax.bench pipeline --pairs 1000000
     .venv/bin/python -m attn_jax.bench accelerator --configs base big    # bf16 on a GPU/TPU: MFU, 100k steps
+    .venv/bin/python -m attn_jax.bench table1 --lengths 16 256 4096 --widths 64 256   # the paper's Table 1, measured
+    .venv/bin/python -m attn_jax.bench families --runs runs/families/*  # quality for compute from finished runs
     .venv/bin/python -m attn_jax.bench train --quick --out /tmp/bench      # tiny sizes, seconds (tests)
 
 Each section writes ``<name>.json`` (machine, versions, command, timestamp, raw numbers, the issue's targets
 with pass/fail), ``<name>.md`` and PNG plots under ``--out``, and prints its targets. Estimated times on the
-2-core CPU (idle): attention ~10 min, train ~10, decode ~15, compile ~10, scaling ~10, pipeline ~5. ``all``
-adds ``accelerator`` when JAX's backend is a GPU or TPU. ``--quick`` shrinks every size to a toy one and
+2-core CPU (idle): attention ~10 min, train ~10, decode ~15, compile ~10, scaling ~10, pipeline ~5, table1 ~20.
+``all`` adds ``accelerator`` when JAX's backend is a GPU or TPU; ``families`` reads training runs, so it is not
+in ``all`` (attn_jax/bench/families.py names the runs it needs). ``--quick`` shrinks every size to a toy one and
 compiles without LLVM optimisation: for tests of the suite, not results.
 """
 
@@ -23,7 +26,7 @@ from collections.abc import Sequence
 
 from attn_jax.bench import results
 
-SECTIONS = ("attention", "train", "decode", "compile", "scaling", "pipeline")
+SECTIONS = ("attention", "train", "decode", "compile", "scaling", "pipeline", "table1")
 ACCELERATOR_SECTIONS = ("accelerator",)  # in ``all`` only on a GPU/TPU backend
 
 
@@ -57,6 +60,13 @@ def _parser() -> argparse.ArgumentParser:
     accelerator = sub.add_parser("accelerator", parents=[common], help="bf16 MFU and 100k-step time on a GPU/TPU")
     accelerator.add_argument("--configs", nargs="+", choices=("base", "big"), default=["base", "big"])
     accelerator.add_argument("--peak-tflops", type=float, help="the chip's dense bf16 peak (default: known chips)")
+    table1 = sub.add_parser("table1", parents=[common], help="Table 1: per-layer cost, sequential steps, path length")
+    table1.add_argument("--lengths", type=int, nargs="+", help="n at fixed d (default 16..4096)")
+    table1.add_argument("--widths", type=int, nargs="+", help="d at fixed n (default 32..1024)")
+    table1.add_argument("--time-max-length", type=int, help="time up to this n (default 1024)")
+    families = sub.add_parser("families", parents=[common], help="quality for compute of finished family runs")
+    families.add_argument("--runs", nargs="+", required=True, help="workdirs of finished training runs")
+    families.add_argument("--budgets", type=float, nargs="+", help="minutes of training (default 5 10 20)")
     sub.add_parser("all", parents=[common], help="every section in turn, one matmul ceiling for all")
     return parser
 
@@ -107,6 +117,21 @@ def run_section(section: str, args: argparse.Namespace, argv: Sequence[str], cei
         given = _given(pairs=getattr(args, "pairs", None), batches=getattr(args, "batches", None))
         given |= {"ding": False} if getattr(args, "no_ding", False) else {}
         return pipeline.run(**((sizes if quick else {}) | given | common))
+    if section == "table1":
+        from attn_jax.bench import table1
+
+        sizes = dict(lengths=(8, 16), widths=(8, 16), fixed_width=8, fixed_length=8, path_length=8, repeats=1)
+        given = _given(
+            lengths=getattr(args, "lengths", None), widths=getattr(args, "widths", None),
+            time_max_length=getattr(args, "time_max_length", None),
+        )  # fmt: skip
+        return table1.run(**((sizes if quick else {}) | given | repeats | common))
+    if section == "families":
+        from attn_jax.bench import families
+
+        budgets = _given(budgets=args.budgets and tuple(args.budgets))
+        limit = {"max_sentences": 8} if quick else {}
+        return families.run(args.runs, out=args.out, argv=argv, **budgets, **limit)
     if section == "accelerator":
         configs = getattr(args, "configs", ("base", "big"))  # `all` has no --configs
         sizes = dict(sizes=("quick",), repeats=1) if quick else dict(sizes=tuple(configs))
