@@ -22,7 +22,7 @@ from attn_jax.attention import (
     scaled_dot_product_attention,
 )
 from attn_jax.model_config import TransformerConfig
-from attn_jax.types import Array, Bool, DecoderBlockParams, EncoderBlockParams, Float, PRNGKeyArray
+from attn_jax.types import Array, Bool, DecoderBlockParams, EncoderBlockParams, Float, PRNGKeyArray, ensure_static
 
 # ----------------------------------------------------------------------------------------------------------
 # Sub-layers
@@ -119,7 +119,7 @@ def encoder_block(
     Args:
       params: one layer's ``EncoderBlockParams`` (no leading ``L`` axis).
       x: ``[B, S, D]``.
-      mask: self-attention mask broadcastable to ``[B, N, S, S]`` (a causal one makes this a decoder-only block).
+      mask: self-attention mask ``[B|1, N|1, S, S]`` (a causal one makes this a decoder-only block).
       config: the model's ``TransformerConfig``.
       dropout_rng: enables dropout when given.
       return_weights: also return the self-attention weights ``[B, N, S, S]``.
@@ -133,6 +133,7 @@ def encoder_block(
       >>> encoder_block(p, jnp.ones((2, 3, 8)), mask=None, config=cfg).shape
       (2, 3, 8)
     """
+    ensure_static("encoder_block", return_weights=return_weights)
     y, (weights, _) = apply_encoder_block(
         params, x, mask=mask, config=config, rng=dropout_rng, return_weights=return_weights
     )
@@ -179,8 +180,8 @@ def decoder_block(
       params: one layer's ``DecoderBlockParams``.
       y: decoder activations ``[B, T, D]``.
       memory: encoder output ``[B, S, D]``.
-      self_mask: broadcastable to ``[B, N, T, T]``; must include the causal mask.
-      cross_mask: broadcastable to ``[B, N, T, S]``.
+      self_mask: ``[B|1, N|1, T, T]``; must include the causal mask.
+      cross_mask: ``[B|1, N|1, T|1, S]``.
       config: the model's ``TransformerConfig``.
       dropout_rng: enables dropout when given.
       return_weights: also return ``(self_weights [B,N,T,T], cross_weights [B,N,T,S])``.
@@ -188,6 +189,7 @@ def decoder_block(
     Returns:
       ``[B, T, D]`` (and the weights with ``return_weights``).
     """
+    ensure_static("decoder_block", return_weights=return_weights)
     cross_kv = project_key_value(params["cross_attention"], memory)
     out, (self_w, cross_w, _) = apply_decoder_block(
         params, y, cross_kv, self_mask=self_mask, cross_mask=cross_mask, config=config, rng=dropout_rng,
