@@ -128,6 +128,7 @@ _VALUE_RULES = {
     "train.log_every": _integer(1),
     "train.eval_every": _integer(1),
     "train.bleu_every": _integer(0),
+    "train.cooldown_steps": _integer(0),
     "train.checkpoint_every": _integer(1),
     "train.keep_checkpoints": _integer(1),
     "train.keep_best": _integer(0),

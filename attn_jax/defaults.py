@@ -34,6 +34,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.max_consecutive_skips = 10  # with "skip": stop after this many non-finite steps in a row
     c.train.time_budget_minutes = 0.0  # stop (and checkpoint) after this long; 0 = no limit
     c.train.decay_to_budget = False  # multiply the learning rate by the budget left: linear to 0 at its end
+    c.train.cooldown_steps = 0  # multiply the learning rate by a linear ramp to 0 over the last N of train.steps
     c.train.profile_steps = ()  # (start, stop): jax.profiler trace of updates start+1..stop into DIR/profile
 
     c.eval = ml_collections.ConfigDict()

@@ -199,7 +199,7 @@ def _train(
     while step < total:
         profile.maybe_start(step)
         batches = [next(datasets.train) for _ in range(train_config.accumulation_steps)]
-        scale = stopping.learning_rate_scale()
+        scale = stopping.learning_rate_scale() * _cooldown(step + 1, total, train_config.cooldown_steps)
         device_state, metrics = steps.train(device_state, steps.put_batch(_one_or_list(batches)), dropout_rng, scale)
         step += 1
         throughput.count(batches, metrics)
@@ -231,6 +231,15 @@ def _train(
     bar.close()
     checkpointer.wait()
     return device_state, step
+
+
+def _cooldown(update: int, total: int, cooldown_steps: int) -> float:
+    """The learning-rate multiplier of ``update`` (counted from 1) with ``train.cooldown_steps``: 1, then linear
+    towards 0 over the last ``cooldown_steps`` updates before ``train.steps`` (a cool-down, as in
+    warmup-stable-decay schedules; it anneals a short run into a sharp minimum)."""
+    if not cooldown_steps:
+        return 1.0
+    return min(max((total - update + 1) / (cooldown_steps + 1), 0.0), 1.0)
 
 
 def _one_or_list(batches: list[dict]):
