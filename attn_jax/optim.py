@@ -46,17 +46,17 @@ def make_optimizer(
     eps: float = 1e-9,
     grad_clip_norm: float | None = None,
     weight_decay: float = 0.0,
-    accumulation_steps: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
-    """Adam with the paper's constants, optionally clipped, decoupled-weight-decayed and accumulated.
+    """Adam with the paper's constants, optionally clipped and decoupled-weight-decayed.
+
+    Gradient accumulation is not an optimiser here: ``attn_jax.train.accumulate_gradients`` sums micro-batches'
+    gradients so that every token weighs the same, and the optimiser then makes one update.
 
     Args:
       learning_rate: a float or an Optax schedule (e.g. ``rsqrt_warmup_schedule``).
       b1, b2, eps: Adam's constants (paper: 0.9, 0.98, 1e-9).
       grad_clip_norm: clip the global gradient norm to this value first; None = no clipping (paper).
       weight_decay: AdamW decay; 0 = plain Adam (paper).
-      accumulation_steps: apply one update every k calls, averaging the k gradients (``optax.MultiSteps``),
-        to reach the paper's ~25k-token batches on small devices.
 
     Returns:
       An ``optax.GradientTransformation``.
@@ -77,8 +77,6 @@ def make_optimizer(
     else:
         steps.append(optax.adam(learning_rate, b1=b1, b2=b2, eps=eps))
     tx = optax.chain(*steps) if len(steps) > 1 else steps[0]
-    if accumulation_steps > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=accumulation_steps).gradient_transformation()
     return _under_standard_promotion(tx)
 
 

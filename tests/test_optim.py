@@ -216,59 +216,25 @@ def test_weight_decay_is_decoupled_adamw():
     _assert_updates_close(actual, expected)
 
 
-def test_accumulating_optimizer_is_a_gradient_transformation():
-    """``make_optimizer`` promises an ``optax.GradientTransformation`` for every option (its annotation, checked
-    by the jaxtyping hook under pytest); the bare ``optax.MultiSteps`` wrapper is not one."""
-    tx = make_optimizer(1e-3, accumulation_steps=2)
-    assert isinstance(tx, optax.GradientTransformation)
-
-
-@pytest.mark.parametrize("accumulation_steps", [1, 2])
-def test_optimizer_updates_under_strict_dtype_promotion(accumulation_steps):
+def test_optimizer_updates_under_strict_dtype_promotion():
     """The suite runs with strict promotion (tests/conftest.py), where a bare ``optax.adam`` raises on its
     float ** int32 bias correction; users who opt into strict promotion must still be able to train."""
-    tx = make_optimizer(1e-3, accumulation_steps=accumulation_steps)
+    tx = make_optimizer(1e-3)
     params = {"w": jnp.ones(2)}
     with jax.numpy_dtype_promotion("strict"):
         state = tx.init(params)
-        for _ in range(accumulation_steps):
-            updates, state = tx.update({"w": jnp.ones(2)}, state, params)
+        updates, state = tx.update({"w": jnp.ones(2)}, state, params)
     np.testing.assert_allclose(np.asarray(updates["w"]), [-1e-3, -1e-3], rtol=1e-6)
 
 
-@pytest.mark.parametrize("k", [2, 3])
-def test_accumulation_applies_one_update_every_k_calls_on_the_mean_gradient(k, without_runtime_typechecks):
-    d_model, warmup_steps = 16, 2
-    schedule = rsqrt_warmup_schedule(d_model, warmup_steps)
-    num_updates = 3
-    micro = _grads(seed=8, scales=[0.1 + i for i in range(k * num_updates)])
-    actual, params, _ = _run(make_optimizer(schedule, accumulation_steps=k), micro)
-
-    means = [{name: np.mean([g[name] for g in micro[i * k : (i + 1) * k]], axis=0) for name in micro[0]}
-             for i in range(num_updates)]  # fmt: skip
-    # The schedule advances once per applied update, not per micro-batch.
-    expected = numpy_adam(means, paper_lrate(np.arange(1, num_updates + 1), d_model, warmup_steps))
-    for call, updates in enumerate(actual):
-        if (call + 1) % k:
-            for name, u in updates.items():
-                np.testing.assert_array_equal(u, 0.0, err_msg=f"call {call}, {name}: no update before the k-th")
-        else:
-            for name, u in updates.items():
-                np.testing.assert_allclose(u, expected[call // k][name], rtol=1e-5, err_msg=f"call {call}, {name}")
-    # The parameters moved by exactly the applied updates.
-    total = {name: sum(e[name] for e in expected) for name in micro[0]}
-    for name, p in params.items():
-        np.testing.assert_allclose(np.asarray(p), np.asarray(_params()[name]) + total[name], rtol=1e-5, atol=1e-7)
-
-
-def test_accumulation_one_is_plain_adam():
+def test_optimizer_is_plain_adam():
     grads_seq = _grads(seed=9, scales=(1.0, 2.0))
-    actual, _, _ = _run(make_optimizer(1e-3, accumulation_steps=1), grads_seq)
+    actual, _, _ = _run(make_optimizer(1e-3), grads_seq)
     _assert_updates_close(actual, numpy_adam(grads_seq, [1e-3, 1e-3]))
 
 
 def test_optimizer_gives_the_same_updates_eagerly_and_under_jit(without_runtime_typechecks):
-    tx = make_optimizer(rsqrt_warmup_schedule(16, 3), grad_clip_norm=1.0, accumulation_steps=2)
+    tx = make_optimizer(rsqrt_warmup_schedule(16, 3), grad_clip_norm=1.0)
     grads_seq = _grads(seed=10, scales=(1.0, 0.5, 2.0, 0.1))
     eager, _, _ = _run(tx, grads_seq, jit=False)
     jitted, _, _ = _run(tx, grads_seq, jit=True)
