@@ -238,4 +238,7 @@ def test_optimizer_gives_the_same_updates_eagerly_and_under_jit(without_runtime_
     grads_seq = _grads(seed=10, scales=(1.0, 0.5, 2.0, 0.1))
     eager, _, _ = _run(tx, grads_seq, jit=False)
     jitted, _, _ = _run(tx, grads_seq, jit=True)
-    _assert_updates_close(jitted, eager, rtol=1e-6, atol=1e-9)
+    # Every update to 1e-6 of the largest update's size (~0.1): where a coordinate's gradients change sign, Adam's
+    # first moment cancels to ~1e-3 of it, and one float32 rounding of the larger terms is then 1e-6 relative to
+    # that small value. (This test once ran two micro-batches per update, which hid that coordinate.)
+    _assert_updates_close(jitted, eager, rtol=1e-6, atol=1e-7)
