@@ -23,6 +23,7 @@ import optax
 import pytest
 
 from attn_jax import parallel
+from attn_jax.bench import contextual
 from attn_jax.bench import families as families_bench
 from attn_jax.checkpoint import Checkpointer
 from attn_jax.config import ConfigError, load_experiment, model_config
@@ -259,3 +260,9 @@ def test_train_eval_translate_and_average_a_recurrent_text_model(name, tmp_path)
     (entry,) = scored["budgets"]
     assert entry["step"] == 4 and entry["test_sentences"] == 4 and 0.0 <= entry["test_bleu"] <= 100.0
     assert sum(bucket["sentences"] for bucket in entry["by_length"]) == 4 and entry["validation_perplexity"] > 1.0
+    # Contextualized embeddings: a piece in both sentences has one input embedding but two encoder states.
+    found = contextual.similarities(workdir)
+    same = [(i, j) for i, a in enumerate(found["pieces"][0]) for j, b in enumerate(found["pieces"][1]) if a == b]
+    assert same, found["pieces"]
+    assert all(found["embedding"][i][j] == pytest.approx(1.0, abs=1e-5) for i, j in same)
+    assert min(found["encoder"][i][j] for i, j in same) < 0.9999
