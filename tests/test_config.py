@@ -11,6 +11,7 @@ import pytest
 from attn_jax import TransformerConfig
 from attn_jax.config import ConfigError, apply_overrides, flatten, load_experiment, model_config, parse_arg
 from attn_jax.defaults import base_config
+from attn_jax.families import family
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"
@@ -37,6 +38,9 @@ SHIPPED = [
     "wmt14_en_de.py:size=big,runlocal",
     "lm_ding_de.py",
     "lm_ding_de.py:minutes=2",
+    "rnnsearch_ding_en_de.py",
+    "rnnsearch_ding_en_de.py:score=dot",
+    "rnn_encdec_ding_en_de.py:forward,minutes=5",
 ]
 
 
@@ -44,8 +48,11 @@ SHIPPED = [
 def test_every_shipped_experiment_loads_and_builds_its_model_config(spec):
     config = _load(spec)
     cfg = model_config(config)
-    assert isinstance(cfg, TransformerConfig)
-    assert cfg.d_model == config.model.d_model and cfg.num_heads == config.model.num_heads
+    if config.model.family == "transformer":
+        assert isinstance(cfg, TransformerConfig)
+        assert cfg.d_model == config.model.d_model and cfg.num_heads == config.model.num_heads
+    else:  # a recurrent family (attn_jax.families): d_model is its decoder state
+        assert family(cfg).name == config.model.family and cfg.d_model == config.model.d_model
     expected_vocab = config.data.copy.vocab_size if config.data.name == "copy" else config.data.vocab_size
     assert cfg.vocab_size == expected_vocab
     assert config.task in ("translation", "lm")
