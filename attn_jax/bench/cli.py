@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     table1 = sub.add_parser("table1", parents=[common], help="Table 1: per-layer cost, sequential steps, path length")
     table1.add_argument("--lengths", type=int, nargs="+", help="n at fixed d (default 16..4096)")
     table1.add_argument("--widths", type=int, nargs="+", help="d at fixed n (default 32..1024)")
-    table1.add_argument("--time-max-length", type=int, help="time up to this n (default 1024)")
+    table1.add_argument("--time-max-length", type=int, help="time up to this n (default 4096; memory permitting)")
     families = sub.add_parser("families", parents=[common], help="quality for compute of finished family runs")
     families.add_argument("--runs", nargs="+", required=True, help="workdirs of finished training runs")
     families.add_argument("--budgets", type=float, nargs="+", help="minutes of training (default 5 10 20)")

@@ -26,8 +26,8 @@ Maximum path length: the norm of the gradient of output position t = n - 1 with 
 attention layer connects every pair in one step, so its curve is flat; the GRU's signal passes through t - s
 state updates and decays.
 
-Writes ``table1.{json,md,png}`` and ``path_length.png``. Expected on the 2-core CPU: about 15-25 minutes (the
-additive layer's [n, n, A] tensor dominates; it is timed up to n = 1024 by default).
+Writes ``table1.{json,md,png}`` and ``path_length.png``. Expected on the 2-core CPU: about 20-30 minutes (the
+additive layer's [n, n, A] tensor dominates: at n = 4096, d = 256 it needs 17 GB and is compiled, not run).
 """
 
 import jax
@@ -136,7 +136,7 @@ def while_trip_counts(hlo_text: str) -> list[int]:
 
 
 def measure(
-    sizes, *, sweep: str, batch=1, layers=LAYERS, passes=PASSES, time_max_length=1024, repeats=3, compiler_options=None
+    sizes, *, sweep: str, batch=1, layers=LAYERS, passes=PASSES, time_max_length=4096, repeats=3, compiler_options=None
 ) -> list[dict]:
     """One row per (layer, pass, n, d) of ``sizes``: temp memory, compile time, sequential steps, time."""
     rows, runs = [], {}
@@ -228,7 +228,7 @@ def run(
     fixed_width=FIXED_WIDTH,
     fixed_length=FIXED_LENGTH,
     batch=1,
-    time_max_length=1024,
+    time_max_length=4096,
     path_length=64,
     repeats=3,
     compiler_options=None,
