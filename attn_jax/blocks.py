@@ -33,6 +33,16 @@ def split_rngs(rng: PRNGKeyArray | None, n: int) -> list:
     return [None] * n if rng is None else list(jax.random.split(rng, n))
 
 
+# The recipe's extra randomness is drawn from fold_in(a layer's key, stream): the paper's dropout streams (split
+# from the same key) are unchanged whether these options are on or off, and each option has its own bits.
+_ACTIVATION_DROPOUT_STREAM, _LAYERDROP_STREAM = 0xAC7D, 0x1D0F
+
+
+def _stream(rng: PRNGKeyArray | None, stream: int, rate: float):
+    """``fold_in(rng, stream)`` when the option is on (``rate > 0``) and the model trains (``rng``), else None."""
+    return None if rng is None or rate == 0.0 else jax.random.fold_in(rng, stream)
+
+
 def _residual(norm_params, x, sublayer, *, config: TransformerConfig, rng):
     """Post-norm LN(x + Dropout(sublayer(x))), or pre-norm x + Dropout(sublayer(LN(x))).
 
@@ -155,12 +165,15 @@ def apply_encoder_block(params, x, *, mask, config, rng, return_weights, cache=N
         )  # fmt: skip
 
     x, (weights, cache) = _residual(params["self_attention_norm"], x, attention, config=config, rng=r_res1)
-    x, _ = _residual(params["ffn_norm"], x, _ffn(params["ffn"]), config=config, rng=r_res2)
+    x, _ = _residual(params["ffn_norm"], x, _ffn(params["ffn"], config, rng), config=config, rng=r_res2)
     return x, (weights, cache)
 
 
-def _ffn(params):
-    return lambda h: (layers.position_wise_ffn(params, h), None)
+def _ffn(params, config: TransformerConfig, layer_rng):
+    """The FFN sub-layer, with dropout on its inner activation at ``config.activation_dropout_rate``."""
+    rate = config.activation_dropout_rate
+    rng = _stream(layer_rng, _ACTIVATION_DROPOUT_STREAM, rate)
+    return lambda h: (layers.position_wise_ffn(params, h, dropout_rate=rate, dropout_rng=rng), None)
 
 
 def decoder_block(
@@ -222,7 +235,7 @@ def apply_decoder_block(
 
     y, (self_w, cache) = _residual(params["self_attention_norm"], y, self_attention, config=config, rng=r_res1)
     y, cross_w = _residual(params["cross_attention_norm"], y, cross_attention, config=config, rng=r_res2)
-    y, _ = _residual(params["ffn_norm"], y, _ffn(params["ffn"]), config=config, rng=r_res3)
+    y, _ = _residual(params["ffn_norm"], y, _ffn(params["ffn"], config, rng), config=config, rng=r_res3)
     return y, (self_w, cross_w, cache)
 
 
@@ -231,14 +244,21 @@ def apply_decoder_block(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def run_stack(block, stack_layers, x, per_layer, *, config: TransformerConfig):
+def run_stack(block, stack_layers, x, per_layer, *, config: TransformerConfig, layerdrop: float = 0.0):
     """Applies ``block(layer_params, x, layer_inputs) -> (x, layer_outputs)`` over the leading ``L`` axis.
 
     Scanned by default; unrolled with ``scan_layers=False``. ``per_layer`` (PRNG keys, cache slices) has the
     same leading axis; the per-layer outputs come back stacked on ``L``.
+
+    ``layerdrop > 0`` (LayerDrop, Fan et al. 2019; training only, ``per_layer`` then holds the layers' PRNG keys,
+    and None turns it off) skips each layer with that probability: a skipped layer's output is its input,
+    exactly, its per-layer outputs are zeros, and its computation is not run (``lax.cond``). No rescaling, and
+    every layer runs at evaluation, as in the paper.
     """
     if config.remat:
         block = jax.checkpoint(block)
+    if layerdrop > 0.0 and per_layer is not None:
+        block = _layerdrop(block, layerdrop)
     num_layers = jax.tree.leaves(stack_layers)[0].shape[0]
     if config.scan_layers or num_layers == 0:  # a scan of length 0 still yields [0, ...] outputs
         return jax.lax.scan(lambda h, inputs: block(inputs[0], h, inputs[1]), x, (stack_layers, per_layer))
@@ -253,3 +273,18 @@ def run_stack(block, stack_layers, x, per_layer, *, config: TransformerConfig):
 def layer_rngs(rng: PRNGKeyArray | None, num_layers: int):
     """One dropout key per layer, or None (no dropout)."""
     return None if rng is None else jax.random.split(rng, num_layers)
+
+
+def _layerdrop(block, rate: float):
+    """``block`` run with probability ``1 - rate``, else the identity on ``x`` (decided by the layer's key)."""
+
+    def maybe(layer_params, x, rng):
+        keep = jax.random.bernoulli(jax.random.fold_in(rng, _LAYERDROP_STREAM), 1.0 - rate)
+        _, outputs = jax.eval_shape(block, layer_params, x, rng)
+
+        def skip():
+            return x, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), outputs)
+
+        return jax.lax.cond(keep, lambda: block(layer_params, x, rng), skip)
+
+    return maybe

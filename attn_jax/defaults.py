@@ -83,17 +83,24 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
     model.positions = "sinusoidal"  # or "learned"
     model.dropout_rate = 0.1  # P_drop
     model.attention_dropout_rate = 0.0  # dropout on attention weights (not in the paper)
+    model.activation_dropout_rate = 0.0  # dropout on the FFN's inner activation (fairseq's; not in the paper)
+    model.word_dropout_rate = 0.0  # drop whole source/decoder-input tokens in training (Sennrich & Zhang 2019)
+    model.word_dropout_mode = "zero"  # a dropped token's embedding is zeroed ("zero") or replaced by unk_id ("unk")
+    model.unk_id = 3  # the unknown token's id ("unk" word dropout), the tokenizer's UNK_ID
+    model.encoder_layerdrop = 0.0  # LayerDrop (Fan et al. 2019): chance of skipping each encoder layer in training
+    model.decoder_layerdrop = 0.0  # the same for each decoder layer (Araabi & Monz 2020: 0.2)
     model.share_embeddings = True  # source and target share one table (needs a shared vocabulary)
     model.tie_output_embedding = True  # logits through the target embedding
     model.scale_embeddings = True  # embeddings * sqrt(d_model)
     model.norm_first = False  # pre-norm instead of the paper's post-norm
+    model.final_norm = ml_collections.config_dict.placeholder(bool)  # LayerNorm after each stack; None = norm_first
     model.attention_bias = True  # biases in the attention projections
     model.layer_norm_epsilon = 1e-6  # layer-norm epsilon
     model.pad_id = 0  # padding token id
     model.scan_layers = True  # lax.scan over layers (compile time flat in depth)
     model.remat = False  # recompute activations in the backward pass
     model.attention_implementation = ml_collections.config_dict.placeholder(str)  # None = best available
-    model.dtype = "float32"  # compute dtype ("bfloat16" on accelerators)
+    model.dtype = "float32"  # compute dtype ("bfloat16" on accelerators; "float64" needs jax_enable_x64)
     model.rnn = ml_collections.ConfigDict()  # read by the recurrent families only; None = derived from d_model
     model.rnn.embed_dim = ml_collections.config_dict.placeholder(int)  # M, word embeddings; None = d_model
     model.rnn.encoder_dim = ml_collections.config_dict.placeholder(int)  # E per direction; None = d_model (dot: /2)
@@ -113,6 +120,9 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
     data.data_dir = ""  # TFDS data dir; "" = $TFDS_DATA_DIR when set, else data_cache/tfds
     data.ding_file = ""  # a manually downloaded Ding de-en file; "" = find or fetch with apt-get download
     data.phrases = False  # ding_en_de: add ~53k multi-word phrase pairs to the training split
+    data.lexicon_ratio = 0.0  # ding_en_de: share of training pairs drawn from dictionary entries (0 = sentences only)
+    data.lexicon_entries = "all"  # which entries: "words" (headwords, inflections), "phrases" or "all"
+    data.bidirectional = False  # also train target->source: pairs reversed, a target-language tag ("<2de>") on sources
     data.source_key = "en"  # feature translated from
     data.target_key = "de"  # feature translated to (and the language-model text)
     data.vocab_size = 8000  # shared SentencePiece vocabulary (paper: 37000 BPE for EN-DE)
@@ -126,6 +136,7 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
     data.num_threads = 2  # threads preparing batches ahead of the step
     data.packing = False  # pack several pairs per row (segment ids, positions) instead of length buckets
     data.worker_count = 0  # Grain worker processes assembling training batches; 0 = num_threads threads here
+    data.in_memory_mb = 256  # training ids read into memory once when they fit in this many MB; 0 = read files
     data.prepared_dir = ""  # cache of the ids encoded once per (data set, tokenizer); "" = WORKDIR/prepared
     data.prepare_workers = 0  # processes encoding the corpus into ids; 0 = one per CPU core
     data.examples_per_shard = 100_000  # pairs per prepared ArrayRecord file (the unit of parallel, resumable work)

@@ -5,6 +5,7 @@ Paper §3.4 (embeddings x sqrt(d_model), the pre-softmax projection through the 
 (several sequences per row) give per-token positions and segment ids (``attn_jax.masks``).
 """
 
+import jax
 import jax.numpy as jnp
 
 from attn_jax import layers
@@ -17,10 +18,17 @@ def is_embeddings(inputs) -> bool:
     return jnp.issubdtype(inputs.dtype, jnp.floating)
 
 
+# Word dropout draws from fold_in(the embedding's dropout key, this): the dropout streams of the paper's model
+# stay as they are when it is off, and it is independent of them when it is on.
+_WORD_DROPOUT_STREAM = 0x57D0
+
+
 def embed_inputs(params, inputs, table: str, stack, *, config: TransformerConfig, rng, offset=0, positions=None):
     """Token embedding (x sqrt(D)), or the caller's embeddings, plus positions, then dropout (§3.4, §3.5, §5.4).
 
     ``positions`` ``[B, T]`` (packed rows: restarting at 0 in each sequence) replaces ``offset + 0 .. T-1``.
+    With ``config.word_dropout_rate`` and a ``rng`` (training), whole token ids are dropped first (``word_dropout``;
+    the caller's embeddings are used as given).
     """
     embeddings = is_embeddings(inputs)
     if inputs.ndim != (3 if embeddings else 2) or inputs.shape[1] == 0:
@@ -36,7 +44,7 @@ def embed_inputs(params, inputs, table: str, stack, *, config: TransformerConfig
             raise ValueError(f"embeddings {inputs.shape} must end in d_model={config.d_model}")
         x = inputs.astype(dtype)
     else:
-        x = layers.embed(params[table], inputs, scale=config.scale_embeddings, dtype=dtype)
+        x = word_dropout(params[table], inputs, config=config, rng=rng)
     which = T if positions is None else positions  # [T, D] broadcast over the batch, or [B, T, D] per token
     if config.positions == "learned":
         pe = layers.learned_positions(stack["positions"], which, offset=offset)
@@ -44,6 +52,25 @@ def embed_inputs(params, inputs, table: str, stack, *, config: TransformerConfig
         pe = layers.sinusoidal_positions(which, config.d_model, offset=offset, dtype=upcast_dtype(dtype))
     pe = pe[None] if positions is None else pe
     return layers.dropout(x + pe.astype(dtype), config.dropout_rate, rng)
+
+
+def word_dropout(table_params, tokens, *, config: TransformerConfig, rng):
+    """The scaled embedding of ``tokens`` ``[B, T]`` after word dropout: ``[B, T, D]``.
+
+    Each non-padding token is dropped with probability ``config.word_dropout_rate`` when ``rng`` is given:
+    ``word_dropout_mode="zero"`` zeroes its embedding (its position is still added), ``"unk"`` embeds
+    ``config.unk_id`` in its place. Only the model's inputs (source, decoder inputs) pass here; the targets the
+    loss reads never do, and padding is never dropped.
+    """
+    dtype = jnp.dtype(config.dtype)
+    word_rng = None if rng is None else jax.random.fold_in(rng, _WORD_DROPOUT_STREAM)
+    dropped = layers.word_dropout_mask(tokens, config.word_dropout_rate, word_rng, pad_id=config.pad_id)
+    if dropped is not None and config.word_dropout_mode == "unk":
+        tokens = jnp.where(dropped, jnp.asarray(config.unk_id, tokens.dtype), tokens)
+    x = layers.embed(table_params, tokens, scale=config.scale_embeddings, dtype=dtype)
+    if dropped is not None and config.word_dropout_mode == "zero":
+        x = jnp.where(dropped[..., None], jnp.zeros((), dtype), x)  # [B, T] -> [B, T, 1]
+    return x
 
 
 def real_of(inputs, mask, segment_ids, name: str, config: TransformerConfig, *, shape=None):

@@ -1,8 +1,9 @@
-"""The pieces around attention: layer norm, the position-wise FFN, embeddings, positions, dropout.
+"""The pieces around attention: layer norm, the position-wise FFN, embeddings, positions, dropout, word dropout.
 
 Paper references: §3.1 (residual + LayerNorm around each sub-layer), §3.3 (position-wise feed-forward,
 equation 2), §3.4 (shared embeddings scaled by sqrt(d_model), pre-softmax projection through the same
-matrix), §3.5 (sinusoidal positions), §5.4 (residual dropout).
+matrix), §3.5 (sinusoidal positions), §5.4 (residual dropout). Not in the paper: dropout on the FFN's inner
+activation and word dropout, regularisers of the low-resource recipe (Sennrich & Zhang 2019).
 """
 
 import math
@@ -12,6 +13,7 @@ import jax.numpy as jnp
 
 from attn_jax.types import (
     Array,
+    Bool,
     EmbeddingParams,
     FeedForwardParams,
     Float,
@@ -83,12 +85,21 @@ def init_position_wise_ffn(rng: PRNGKeyArray, d_model: int, d_ff: int, *, dtype=
     }
 
 
-def position_wise_ffn(params: FeedForwardParams, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
+def position_wise_ffn(
+    params: FeedForwardParams,
+    x: Float[Array, "B T D"],
+    *,
+    dropout_rate: float = 0.0,
+    dropout_rng: PRNGKeyArray | None = None,
+) -> Float[Array, "B T D"]:
     """FFN(x) = max(0, x W_1 + b_1) W_2 + b_2 (paper equation 2), applied at every position alike.
 
     Args:
       params: ``{"w_1": [D, F], "b_1": [F], "w_2": [F, D], "b_2": [D]}``.
       x: ``[B, T, D]``.
+      dropout_rate: dropout on the inner activation ``max(0, x W_1 + b_1)`` (fairseq's ``activation_dropout``,
+        not in the paper), applied only when ``dropout_rng`` is given.
+      dropout_rng: PRNG key for that dropout.
 
     Returns:
       ``[B, T, D]``.
@@ -101,7 +112,7 @@ def position_wise_ffn(params: FeedForwardParams, x: Float[Array, "B T D"]) -> Fl
     """
     dtype = x.dtype
     hidden = jnp.einsum("BTD,DF->BTF", x, params["w_1"].astype(dtype)) + _lift(params["b_1"].astype(dtype), 3)
-    hidden = jax.nn.relu(hidden)
+    hidden = dropout(jax.nn.relu(hidden), dropout_rate, dropout_rng)
     return jnp.einsum("BTF,FD->BTD", hidden, params["w_2"].astype(dtype)) + _lift(params["b_2"].astype(dtype), 3)
 
 
@@ -249,3 +260,35 @@ def dropout(x: Float[Array, "..."], rate: float, rng: PRNGKeyArray | None) -> Fl
         return x
     keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
     return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+
+
+def word_dropout_mask(
+    tokens: Int[Array, "*B T"], rate: float, rng: PRNGKeyArray | None, *, pad_id: int = 0
+) -> Bool[Array, "*B T"] | None:
+    """Which whole tokens word dropout drops: each non-padding token with probability ``rate`` (padding never).
+
+    Word dropout (Gal & Ghahramani 2016; Sennrich & Zhang 2019) removes a token's identity from the input, not
+    single activations; the caller zeroes the dropped tokens' embeddings or replaces them by an unknown-token id.
+    No rescaling: a dropped word is absent, not a noisier copy of itself.
+
+    Args:
+      tokens: ``[..., T]`` integer ids.
+      rate: probability of dropping each real token, in ``[0, 1)``.
+      rng: PRNG key; None (evaluation) or ``rate == 0`` drops nothing.
+      pad_id: the padding id, never dropped.
+
+    Returns:
+      ``[..., T]`` True at dropped tokens, or None when nothing can be dropped.
+
+    Example:
+      >>> word_dropout_mask(jnp.array([[5, 6, 0]]), 0.5, None) is None
+      True
+      >>> word_dropout_mask(jnp.array([[5, 6, 0]]), 0.999, jax.random.key(0)).tolist()  # never the padding
+      [[True, True, False]]
+    """
+    ensure_static("word_dropout_mask", rate=rate)
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"word dropout rate must be in [0, 1), got {rate}")
+    if rng is None or rate == 0.0:
+        return None
+    return jax.random.bernoulli(rng, rate, tokens.shape) & (tokens != pad_id)

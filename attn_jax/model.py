@@ -2,6 +2,9 @@
 
 The layers themselves are in ``attn_jax.blocks``; with ``norm_first=True`` (or ``final_norm=True``) each stack
 ends in a final LayerNorm. Dropout is applied only when a ``dropout_rng`` is passed: no PRNG key means evaluation.
+The same holds for the low-resource regularisers of ``TransformerConfig``: word dropout on the source and the
+decoder inputs (``attn_jax.inputs.word_dropout``), LayerDrop per stack (``encoder_layerdrop`` for the encoder,
+``decoder_layerdrop`` for the decoder and the language model) and activation dropout in every FFN.
 
 The parameters of a stack's layers are stacked along a leading ``L`` axis, so the same tree runs scanned
 (``jax.lax.scan``, compile time independent of depth) or unrolled (``scan_layers=False``).
@@ -89,12 +92,14 @@ def encode(
     mask = combine_masks(pair_mask(real, real), segment_pair_mask(segment_ids, segment_ids, "encode"), attention_mask)
     memory, weights = _self_attention_stack(
         params, "encoder", src, table_name("source", config), mask, positions_of(positions, segment_ids),
-        config=config, rng=dropout_rng, return_weights=return_weights,
+        config=config, rng=dropout_rng, return_weights=return_weights, layerdrop=config.encoder_layerdrop,
     )  # fmt: skip
     return (memory, weights) if return_weights else memory
 
 
-def _self_attention_stack(params, stack_name: str, inputs, table: str, mask, positions, *, config, rng, return_weights):
+def _self_attention_stack(
+    params, stack_name: str, inputs, table: str, mask, positions, *, config, rng, return_weights, layerdrop
+):
     """Embedding, then encoder-style blocks (self-attention + FFN) under ``mask``, then the final norm.
 
     The encoder runs it with a padding mask, the decoder-only language model with a causal one.
@@ -110,7 +115,9 @@ def _self_attention_stack(params, stack_name: str, inputs, table: str, mask, pos
         return h, weights
 
     num_layers = jax.tree.leaves(stack["layers"])[0].shape[0]
-    x, weights = run_stack(block, stack["layers"], x, layer_rngs(r_layers, num_layers), config=config)
+    x, weights = run_stack(
+        block, stack["layers"], x, layer_rngs(r_layers, num_layers), config=config, layerdrop=layerdrop
+    )
     return final_norm(stack, x, config), weights
 
 
@@ -177,7 +184,10 @@ def decode(
         )  # fmt: skip
         return h, {"self": self_w, "cross": cross_w}
 
-    y, weights = run_stack(block, stack["layers"], y, layer_rngs(r_layers, config.num_decoder_layers), config=config)
+    y, weights = run_stack(
+        block, stack["layers"], y, layer_rngs(r_layers, config.num_decoder_layers), config=config,
+        layerdrop=config.decoder_layerdrop,
+    )  # fmt: skip
     logits = output_logits(params, final_norm(stack, y, config), config, table_name("target", config))
     return (logits, weights) if return_weights else logits
 
@@ -287,7 +297,7 @@ def language_model(
     full_mask = combine_masks(pair_mask(real, real), causal_mask(tokens.shape[1]), segments, attention_mask)
     x, weights = _self_attention_stack(
         params, "decoder", tokens, LM_TABLE, full_mask, positions_of(positions, segment_ids), config=config,
-        rng=dropout_rng, return_weights=return_weights,
+        rng=dropout_rng, return_weights=return_weights, layerdrop=config.decoder_layerdrop,
     )  # fmt: skip
     logits = output_logits(params, x, config, LM_TABLE)
     return (logits, weights) if return_weights else logits

@@ -8,6 +8,10 @@ The paper's symbols map onto the fields (and onto the shape alphabet of ``attn_j
 
 ``TransformerConfig.base`` and ``TransformerConfig.big`` are the two columns of the paper's Table 3. Every
 switch whose default is the paper's choice says so; the others are deviations you opt into.
+
+The low-resource regularisers (Sennrich & Zhang 2019; Araabi & Monz 2020; Nguyen & Salazar 2019) are off by
+default and act only in training, when a ``dropout_rng`` is given: word dropout (whole source and target-input
+tokens), LayerDrop (Fan et al. 2019, whole layers of a stack) and activation dropout (inside the FFN).
 """
 
 import dataclasses
@@ -17,8 +21,14 @@ from typing import Any
 import jax
 
 POSITIONS = ("sinusoidal", "learned")
+WORD_DROPOUT_MODES = ("zero", "unk")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 ATTENTION_IMPLEMENTATIONS = (None, "xla", "chunked", "cudnn")
+# Probabilities, each checked to lie in [0, 1).
+RATES = (
+    "dropout_rate", "attention_dropout_rate", "activation_dropout_rate", "word_dropout_rate", "encoder_layerdrop",
+    "decoder_layerdrop",
+)  # fmt: skip
 
 
 class ConfigError(ValueError):
@@ -51,6 +61,12 @@ class TransformerConfig:
     positions: str = "sinusoidal"  # "sinusoidal" (paper §3.5) or "learned" (Table 3 row E)
     dropout_rate: float = 0.1  # P_drop on sub-layer outputs and on embeddings + positions (§5.4)
     attention_dropout_rate: float = 0.0  # dropout on attention weights; 0 in the paper
+    activation_dropout_rate: float = 0.0  # dropout on the FFN's inner ReLU activation (fairseq's); 0 in the paper
+    word_dropout_rate: float = 0.0  # drop whole source/target-input tokens in training (Sennrich & Zhang 2019); 0 = off
+    word_dropout_mode: str = "zero"  # a dropped token's embedding is zeroed ("zero") or it becomes unk_id ("unk")
+    unk_id: int = 3  # the unknown token's id, what "unk" word dropout substitutes (attn_jax.data's UNK_ID)
+    encoder_layerdrop: float = 0.0  # LayerDrop (Fan et al. 2019): skip each encoder layer in training; 0 = off
+    decoder_layerdrop: float = 0.0  # the same for each decoder (and language-model) layer; 0 = off
     share_embeddings: bool = True  # one table for source and target tokens (paper §3.4)
     tie_output_embedding: bool = True  # pre-softmax projection = target embedding transposed (paper §3.4)
     scale_embeddings: bool = True  # multiply embeddings by sqrt(d_model) (paper §3.4)
@@ -85,8 +101,17 @@ class TransformerConfig:
             "num_kv_heads",
             f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}",
         )
-        for name in ("dropout_rate", "attention_dropout_rate"):
+        for name in RATES:
             _check(0.0 <= getattr(self, name) < 1.0, name, f"must be in [0, 1), got {getattr(self, name)}")
+        _check(
+            self.word_dropout_mode in WORD_DROPOUT_MODES, "word_dropout_mode",
+            f"must be one of {WORD_DROPOUT_MODES}, got {self.word_dropout_mode!r}",
+        )  # fmt: skip
+        if self.word_dropout_rate > 0.0 and self.word_dropout_mode == "unk":
+            _check(
+                0 <= self.unk_id < self.vocab_size and self.unk_id != self.pad_id, "unk_id",
+                f"must be in [0, vocab_size) and differ from pad_id={self.pad_id}, got {self.unk_id}",
+            )  # fmt: skip
         _check(self.layer_norm_epsilon > 0, "layer_norm_epsilon", "must be positive")
         _check(0 <= self.pad_id < self.vocab_size, "pad_id", f"must be in [0, vocab_size), got {self.pad_id}")
         _check(self.positions in POSITIONS, "positions", f"must be one of {POSITIONS}, got {self.positions!r}")

@@ -52,6 +52,9 @@ def test_defaults_are_the_papers_choices():
     assert not cfg.norm_first  # post-norm LN(x + Sublayer(x))
     assert cfg.attention_dropout_rate == 0.0
     assert cfg.num_kv_heads is None and cfg.head_dim is None
+    # The low-resource recipe's regularisers are off.
+    assert cfg.activation_dropout_rate == cfg.word_dropout_rate == 0.0
+    assert cfg.encoder_layerdrop == cfg.decoder_layerdrop == 0.0
 
 
 def test_presets_accept_overrides():
@@ -140,7 +143,11 @@ def test_num_heads_must_be_a_multiple_of_num_kv_heads(num_heads, num_kv_heads):
         _make(num_heads=num_heads, num_kv_heads=num_kv_heads)
 
 
-@pytest.mark.parametrize("field", ["dropout_rate", "attention_dropout_rate"])
+RATE_FIELDS = ["dropout_rate", "attention_dropout_rate", "activation_dropout_rate", "word_dropout_rate",
+               "encoder_layerdrop", "decoder_layerdrop"]  # fmt: skip
+
+
+@pytest.mark.parametrize("field", RATE_FIELDS)
 @pytest.mark.parametrize("value", [1.0, 1.5, -0.1, math.nan, math.inf])
 def test_rates_must_be_in_unit_interval(field, value):
     with _raises_naming(field):
@@ -162,7 +169,13 @@ def test_pad_id_must_be_in_the_vocabulary(value):
 
 @pytest.mark.parametrize(
     "field, value",
-    [("positions", "rotary"), ("dtype", "float8"), ("dtype", "bf16"), ("attention_implementation", "flash")],
+    [
+        ("positions", "rotary"),
+        ("dtype", "float8"),
+        ("dtype", "bf16"),
+        ("attention_implementation", "flash"),
+        ("word_dropout_mode", "drop"),
+    ],  # fmt: skip
 )
 def test_unknown_choices(field, value):
     with _raises_naming(field):
@@ -179,8 +192,8 @@ def test_known_attention_implementations(implementation):
 # ---------------------------------------------------------------------------------------------------------
 
 INT_FIELDS = ["vocab_size", "d_model", "num_heads", "num_kv_heads", "head_dim", "d_ff", "num_encoder_layers",
-              "num_decoder_layers", "max_len", "pad_id"]  # fmt: skip
-FLOAT_FIELDS = ["dropout_rate", "attention_dropout_rate", "layer_norm_epsilon"]
+              "num_decoder_layers", "max_len", "pad_id", "unk_id"]  # fmt: skip
+FLOAT_FIELDS = [*RATE_FIELDS, "layer_norm_epsilon"]
 BOOL_FIELDS = ["share_embeddings", "tie_output_embedding", "scale_embeddings", "norm_first", "attention_bias",
                "scan_layers", "remat"]  # fmt: skip
 
@@ -223,7 +236,7 @@ def test_bool_fields_reject_other_types(field, value):
 
 
 @pytest.mark.usefixtures("without_runtime_typechecks")
-@pytest.mark.parametrize("field", ["positions", "dtype"])
+@pytest.mark.parametrize("field", ["positions", "dtype", "word_dropout_mode"])
 def test_string_fields_reject_other_types(field):
     with _raises_naming(field):
         _make(**{field: 3})
