@@ -7,6 +7,12 @@ entries become pairs and how the splits are drawn. The builder writes ArrayRecor
 
     sources = ding_sources(data_dir="/tmp/tfds")  # builds once, then reads
     sources["train"][0]  # {"en": b"...", "de": b"..."}
+    ding_sources(data_dir="/tmp/tfds", lexicon="all")["lexicon"]  # dictionary entries, a source of their own
+
+Builder configs: ``sentences`` (the default), ``sentences_and_phrases`` (phrase pairs added to the training
+split) and ``sentences_and_lexicon``: the same sentence splits as ``sentences`` plus the splits
+``lexicon_words`` and ``lexicon_phrases`` (``ding_parser.lexicon_splits``: none matches a held-out sentence),
+which a run mixes into its training pairs at a ratio of its own (``config.data.lexicon_ratio``).
 
 The ``de-en`` file is taken from, in order: an explicit ``ding_file``; ``DIR/de-en`` in the TFDS manual
 dir (``data_dir/downloads/manual`` unless a ``DownloadConfig`` says otherwise); ``cache_dir/de-en``,
@@ -27,7 +33,7 @@ import grain
 import tensorflow_datasets as tfds
 from etils import epath
 
-from attn_jax.data.ding_parser import SPLITS, DingPair, parse_ding, split_pairs
+from attn_jax.data.ding_parser import LEXICON_SPLITS, SPLITS, DingPair, lexicon_splits, parse_ding, split_pairs
 from attn_jax.data.text import DataError
 
 DING_PACKAGE = "trans-de-en"
@@ -146,11 +152,12 @@ class DingEnDeConfig(tfds.core.BuilderConfig):
 
     Attributes:
       phrases: add multi-word phrase pairs to the training split (evaluation splits stay sentences).
+      lexicon: add the splits ``lexicon_words`` and ``lexicon_phrases`` (dictionary entries, kept apart).
     """
 
-    def __init__(self, *, phrases: bool, **kwargs: Any):
+    def __init__(self, *, phrases: bool, lexicon: bool = False, **kwargs: Any):
         super().__init__(**kwargs)
-        self.phrases = phrases
+        self.phrases, self.lexicon = phrases, lexicon
 
 
 class DingEnDe(tfds.core.GeneratorBasedBuilder):
@@ -170,6 +177,13 @@ class DingEnDe(tfds.core.GeneratorBasedBuilder):
             name="sentences_and_phrases",
             phrases=True,
             description="Sentence pairs, plus multi-word phrase pairs in the training split.",
+        ),
+        DingEnDeConfig(
+            name="sentences_and_lexicon",
+            phrases=False,
+            lexicon=True,
+            description="Sentence pairs, plus word and phrase entries as splits of their own (lexicon_words, "
+            "lexicon_phrases), none matching a held-out sentence.",
         ),
     ]
     MANUAL_DOWNLOAD_INSTRUCTIONS = _FETCH_HELP
@@ -206,11 +220,17 @@ class DingEnDe(tfds.core.GeneratorBasedBuilder):
         except AssertionError:  # TFDS raises it when the manual dir is absent or empty
             manual_dir = None
         path = find_ding_file(self._ding_file, manual_dir=manual_dir, cache_dir=self._cache_dir)
+        config = self.builder_config
         with open(path, "rb") as lines:
-            pairs, stats = parse_ding(lines, phrases=self.builder_config.phrases)
+            pairs, stats = parse_ding(lines, phrases=config.phrases or config.lexicon, words=config.lexicon)
         logging.info("Parsed %s: %s", path, stats)
-        splits = split_pairs(pairs)
-        return {name: self._generate_examples(splits[name]) for name in SPLITS}
+        # Without the phrases config, phrases (and words) stay out of the sentence splits.
+        splits: dict[str, list[DingPair]] = split_pairs(
+            pairs if config.phrases else [pair for pair in pairs if pair.kind == "sentence"]
+        )
+        if config.lexicon:
+            splits |= lexicon_splits(pairs, held_out=splits["validation"] + splits["test"])
+        return {name: self._generate_examples(split) for name, split in splits.items()}
 
     def _generate_examples(self, pairs: list[DingPair]) -> Iterator[tuple[str, dict[str, str]]]:
         for pair in pairs:
@@ -219,10 +239,19 @@ class DingEnDe(tfds.core.GeneratorBasedBuilder):
             yield key, {"en": pair.en, "de": pair.de}
 
 
+# Which lexicon splits each choice of ``config.data.lexicon_entries`` reads.
+LEXICON_ENTRIES = {
+    "words": LEXICON_SPLITS["word"],
+    "phrases": LEXICON_SPLITS["phrase"],
+    "all": "+".join(LEXICON_SPLITS.values()),
+}
+
+
 def ding_sources(
     data_dir: str | os.PathLike | None = None,
     *,
     phrases: bool = False,
+    lexicon: str | None = None,
     ding_file: str | os.PathLike | None = None,
     cache_dir: str | os.PathLike | None = DEFAULT_CACHE_DIR,
     download: bool = True,
@@ -232,19 +261,30 @@ def ding_sources(
     Args:
       data_dir: TFDS data dir; ``None`` means TFDS's default (``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``).
       phrases: use the ``sentences_and_phrases`` config instead of ``sentences``.
+      lexicon: ``"words"``, ``"phrases"`` or ``"all"`` (``LEXICON_ENTRIES``): use the ``sentences_and_lexicon``
+        config and add those entries as the source ``"lexicon"``; ``None`` adds none.
       ding_file: explicit path of the ``de-en`` file (see `find_ding_file`).
       cache_dir: where to keep or fetch the file; ``None`` forbids fetching.
       download: build the dataset when absent; if False it must already exist.
 
     Returns:
-      ``{"train", "validation", "test"}`` to sources whose items are ``{"en": bytes, "de": bytes}``.
+      ``{"train", "validation", "test"}`` (and ``"lexicon"``) to sources whose items are
+      ``{"en": bytes, "de": bytes}``.
+
+    Raises:
+      ValueError: both ``phrases`` and ``lexicon``, or an unknown ``lexicon``.
     """
-    config = "sentences_and_phrases" if phrases else "sentences"
+    if lexicon is not None and lexicon not in LEXICON_ENTRIES:
+        raise ValueError(f"lexicon must be one of {tuple(LEXICON_ENTRIES)} or None, got {lexicon!r}")
+    if phrases and lexicon is not None:
+        raise ValueError("phrases (in the training split) and lexicon (a source of its own) exclude each other")
+    config = "sentences_and_lexicon" if lexicon else "sentences_and_phrases" if phrases else "sentences"
+    names = {split: split for split in SPLITS} | ({"lexicon": LEXICON_ENTRIES[lexicon]} if lexicon else {})
     sources = tfds.data_source(
         f"ding_en_de/{config}",
-        split=list(SPLITS),
+        split=list(names.values()),
         data_dir=data_dir,
         download=download,
         builder_kwargs={"ding_file": ding_file, "cache_dir": cache_dir, "file_format": "array_record"},
     )
-    return dict(zip(SPLITS, sources, strict=True))
+    return dict(zip(names, sources, strict=True))

@@ -27,15 +27,24 @@ With ``phrases=True`` a sub-entry without such a pair gives its first synonyms i
 example: both sides have at least two words, the German side carries no grammar tag (tagged sub-entries
 are headwords and their inflections, e.g. "Aalsuppe {f}"), and neither side is a template with
 placeholders ("jdm. etw. verwehren"). This gives phrases such as "Sonnenbrand bekommen :: to get
-sunburn". Exact duplicate pairs are kept once.
+sunburn". With ``words=True`` the other sub-entries give their first synonyms as word pairs: headwords and
+their inflections (a grammar-tagged German side, e.g. "Sonnenbrand {m} :: sunburn", "Abholorte {pl} ::
+collection locations") and untagged sub-entries with a one-word side ("abgearbeitet :: worked off"); templates
+and ellipses are left out here too. Exact duplicate pairs are kept once.
 
 On the Debian file of 2023-01-30 (``trans-de-en`` 1.9-6) this keeps 20,699 sentence pairs (18,637 train,
 1,019 validation, 1,043 test) and 52,701 more phrase pairs (47,479 of them in the training split).
+``words=True`` adds about 290k word pairs (the dictionary's ~206k lines hold ~330k aligned sub-entries).
 
 Splits are keyed on the English (source) side: ``split_of`` hashes a normalised form of it (case folded,
 letters and digits only), so the split of a pair never changes when other lines change, and one source
 sentence (up to case and punctuation) never appears in two splits. Evaluation splits hold sentences only,
 so they are the same with and without phrases; a phrase whose key hashes into them is left out.
+
+``lexicon_splits`` keeps dictionary entries (words and phrases) apart from the sentences, as an extra training
+source: an entry is left out when its English or its German side, normalised as ``split_of`` normalises, is that
+of a validation or test sentence, so no held-out sentence (in either direction) is ever trained on. Entries are
+not split by hash: a word of a held-out sentence is what a dictionary is for, the sentence itself is not.
 """
 
 import dataclasses
@@ -45,9 +54,11 @@ from collections.abc import Iterable
 from typing import Literal
 
 Split = Literal["train", "validation", "test"]
-Kind = Literal["sentence", "phrase"]
+Kind = Literal["sentence", "phrase", "word"]
 
 SPLITS: tuple[Split, ...] = ("train", "validation", "test")
+# The lexicon's splits (see lexicon_splits), named after the kind of entry they hold.
+LEXICON_SPLITS: dict[Kind, str] = {"word": "lexicon_words", "phrase": "lexicon_phrases"}
 # Out of _HASH_BUCKETS hash buckets, [0, 500) is test and [500, 1000) validation: 5% each, about 1000
 # pairs each out of the ~20k sentences.
 _HASH_BUCKETS = 10_000
@@ -78,7 +89,8 @@ class DingPair:
     Attributes:
       en: English text (the source side).
       de: German text (the target side).
-      kind: ``"sentence"`` when both sides are full sentences, else ``"phrase"``.
+      kind: ``"sentence"`` when both sides are full sentences, ``"phrase"`` for a usage example, ``"word"`` for
+        a headword or an inflection (see the module docstring).
     """
 
     en: str
@@ -96,6 +108,7 @@ class ParseStats:
       malformed: entry lines without exactly one ``" :: "`` or with unaligned ``" | "`` counts, skipped.
       sentences: distinct sentence pairs kept.
       phrases: distinct phrase pairs kept (0 unless ``phrases=True``).
+      words: distinct word pairs kept (0 unless ``words=True``).
       duplicates: pairs skipped because an identical pair came earlier.
     """
 
@@ -104,6 +117,7 @@ class ParseStats:
     malformed: int = 0
     sentences: int = 0
     phrases: int = 0
+    words: int = 0
     duplicates: int = 0
 
 
@@ -165,6 +179,16 @@ def is_sentence(text: str) -> bool:
     return not ("…" in text or "..." in text or _PLACEHOLDER.search(text) or _CONTROL.search(text))
 
 
+def normalised(text: str) -> str:
+    """The form two texts must share to count as the same sentence: case folded, letters and digits only.
+
+    Example:
+      >>> normalised("Revenge is sweet!") == normalised("revenge is SWEET.")
+      True
+    """
+    return "".join(char for char in text.casefold() if char.isalnum())
+
+
 def split_of(en: str) -> Split:
     """Assigns a pair to a split from its English side alone, stably across file versions.
 
@@ -178,8 +202,7 @@ def split_of(en: str) -> Split:
       >>> split_of("Revenge is sweet.") == split_of("revenge is SWEET!")
       True
     """
-    key = "".join(char for char in en.casefold() if char.isalnum())
-    bucket = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") % _HASH_BUCKETS
+    bucket = int.from_bytes(hashlib.sha256(normalised(en).encode("utf-8")).digest()[:8], "big") % _HASH_BUCKETS
     if bucket < _TEST_BUCKETS:
         return "test"
     if bucket < _TEST_BUCKETS + _VALIDATION_BUCKETS:
@@ -198,28 +221,33 @@ def _synonyms(subentry: str) -> list[str]:
     return [text.strip() for text in candidates if text and text.strip()]
 
 
-def _pair_of(de_subentry: str, en_subentry: str, *, phrases: bool) -> DingPair | None:
+def _pair_of(de_subentry: str, en_subentry: str, *, phrases: bool, words: bool = False) -> DingPair | None:
     """The pair one aligned sub-entry gives, if any."""
     de_synonyms, en_synonyms = _synonyms(de_subentry), _synonyms(en_subentry)
     de_sentence = next((text for text in de_synonyms if is_sentence(text)), None)
     en_sentence = next((text for text in en_synonyms if is_sentence(text)), None)
     if de_sentence and en_sentence:
         return DingPair(en=en_sentence, de=de_sentence, kind="sentence")
-    # A grammar tag marks a headword or its inflection (a term, not a phrase), e.g. "Aalsuppe {f}".
-    if not (phrases and de_synonyms and en_synonyms) or "{" in de_subentry:
+    if not ((phrases or words) and de_synonyms and en_synonyms):
         return None
     de, en = de_synonyms[0], en_synonyms[0]
-    if min(len(de.split()), len(en.split())) < 2 or "…" in de + en or _PLACEHOLDER.search(de + " " + en):
+    if "…" in de + en or _PLACEHOLDER.search(de + " " + en):
         return None
-    return DingPair(en=en, de=de, kind="phrase")
+    # A grammar tag marks a headword or its inflection (a term, not a phrase), e.g. "Aalsuppe {f}".
+    if "{" not in de_subentry and min(len(de.split()), len(en.split())) >= 2:
+        return DingPair(en=en, de=de, kind="phrase") if phrases else None
+    return DingPair(en=en, de=de, kind="word") if words else None
 
 
-def parse_ding(lines: Iterable[bytes], *, phrases: bool = False) -> tuple[list[DingPair], ParseStats]:
+def parse_ding(
+    lines: Iterable[bytes], *, phrases: bool = False, words: bool = False
+) -> tuple[list[DingPair], ParseStats]:
     """Extracts distinct English-German pairs from the raw lines of the Ding ``de-en`` file.
 
     Args:
       lines: raw lines (bytes, newline optional), e.g. an open binary file.
       phrases: also keep multi-word phrase pairs, not just sentence pairs.
+      words: also keep word pairs (headwords and inflections).
 
     Returns:
       The pairs in file order, and counts of what was read and skipped.
@@ -253,9 +281,9 @@ def parse_ding(lines: Iterable[bytes], *, phrases: bool = False) -> tuple[list[D
             continue
         for de_subentry, en_subentry in zip(de_subentries, en_subentries, strict=True):
             # Without ".!?" on both sides there is no sentence; skipping these makes the parse 3x faster.
-            if not (phrases or (_FINAL.intersection(de_subentry) and _FINAL.intersection(en_subentry))):
+            if not (phrases or words or (_FINAL.intersection(de_subentry) and _FINAL.intersection(en_subentry))):
                 continue
-            pair = _pair_of(de_subentry, en_subentry, phrases=phrases)
+            pair = _pair_of(de_subentry, en_subentry, phrases=phrases, words=words)
             if pair is None:
                 continue
             if (pair.en, pair.de) in seen:
@@ -265,6 +293,7 @@ def parse_ding(lines: Iterable[bytes], *, phrases: bool = False) -> tuple[list[D
             pairs.append(pair)
             stats.sentences += pair.kind == "sentence"
             stats.phrases += pair.kind == "phrase"
+            stats.words += pair.kind == "word"
     return pairs, stats
 
 
@@ -287,4 +316,32 @@ def split_pairs(pairs: Iterable[DingPair]) -> dict[Split, list[DingPair]]:
         split = split_of(pair.en)
         if pair.kind == "sentence" or split == "train":
             splits[split].append(pair)
+    return splits
+
+
+def lexicon_splits(pairs: Iterable[DingPair], held_out: Iterable[DingPair]) -> dict[str, list[DingPair]]:
+    """Dictionary entries by kind (``LEXICON_SPLITS``), without any that could reveal a held-out sentence.
+
+    An entry goes when its English side or its German side, ``normalised``, is that of a ``held_out`` sentence:
+    so neither direction of training (English to German, or reversed) sees a validation or test sentence.
+
+    Args:
+      pairs: output of ``parse_ding(..., phrases=True, words=True)``; sentences are ignored.
+      held_out: the validation and test sentences (``split_pairs``'s).
+
+    Returns:
+      ``{"lexicon_words": [...], "lexicon_phrases": [...]}``, each in input order.
+
+    Example:
+      >>> test = [DingPair("Revenge is sweet.", "Rache ist süß.", "sentence")]
+      >>> entries = [DingPair("revenge", "Rache", "word"), DingPair("revenge is sweet", "Rache ist süß", "phrase")]
+      >>> lexicon_splits(entries, test)
+      {'lexicon_words': [DingPair(en='revenge', de='Rache', kind='word')], 'lexicon_phrases': []}
+    """
+    held_out = list(held_out)
+    held_en, held_de = {normalised(p.en) for p in held_out}, {normalised(p.de) for p in held_out}
+    splits: dict[str, list[DingPair]] = {name: [] for name in LEXICON_SPLITS.values()}
+    for pair in pairs:
+        if pair.kind in LEXICON_SPLITS and normalised(pair.en) not in held_en and normalised(pair.de) not in held_de:
+            splits[LEXICON_SPLITS[pair.kind]].append(pair)
     return splits
