@@ -71,6 +71,32 @@ def bucket_plan(batches: list[tuple[int, np.ndarray]], boundaries: tuple[int, ..
     )
 
 
+def take_batches(plan: Plan, num_batches: int) -> Plan:
+    """``plan`` cut (or cycled) to ``num_batches`` batches: batch ``k`` is ``plan``'s batch ``k % len(plan)``.
+
+    For epochs whose batch count varies (packing, mixed sources): every epoch gets the same count, so that batch
+    ``i`` of a run stays a function of ``i``.
+
+    Example:
+      >>> plan = bucket_plan([(0, np.array([4, 5])), (1, np.array([2]))], (8, 16))
+      >>> cut = take_batches(plan, 3)
+      >>> cut.starts.tolist(), cut.example.tolist(), cut.lengths[:, 0].tolist()
+      ([0, 2, 3, 5], [4, 5, 2, 4, 5], [8, 16, 8])
+    """
+    chosen = np.arange(num_batches) % max(len(plan), 1)
+    sizes = (plan.starts[1:] - plan.starts[:-1])[chosen]
+    items = [np.arange(plan.starts[k], plan.starts[k + 1]) for k in chosen]
+    items = np.concatenate(items).astype(np.int64) if items else np.zeros(0, np.int64)
+    return Plan(
+        starts=np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
+        example=plan.example[items],
+        row=plan.row[items],
+        offset=plan.offset[items],
+        rows=plan.rows[chosen],
+        lengths=plan.lengths[chosen],
+    )
+
+
 def bucket_boundaries(max_length: int, *, multiple: int = 8, growth: float = 1.5) -> tuple[int, ...]:
     """Bucket lengths: multiples of ``multiple``, growing by about ``growth``, the last covering ``max_length``.
 

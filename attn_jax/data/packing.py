@@ -20,7 +20,7 @@ import math
 
 import numpy as np
 
-from attn_jax.data.batching import Plan
+from attn_jax.data.batching import Plan, take_batches
 
 # Open rows per window and pairs per window: measured on WMT-like lengths (log-normal, median 23 tokens, target
 # 8% longer, rows of 256), padding falls from 5.4% (16 rows, one length for both sides) to 3.6% (16 rows, per-side
@@ -164,19 +164,13 @@ def packed_plan(
     by_row = np.argsort(row, kind="stable")
     by_row = by_row[row[by_row] < full * rows_per_batch]
     batch = row[by_row] // rows_per_batch
-    starts = np.searchsorted(batch, np.arange(full + 1))
-    if num_batches is not None:
-        # Batch k of the epoch is packed batch k % full: the cut and the (rare) repeats stay deterministic.
-        chosen = np.arange(num_batches) % max(full, 1)
-        sizes = (starts[1:] - starts[:-1])[chosen]
-        items = np.concatenate([np.arange(starts[k], starts[k + 1]) for k in chosen]) if num_batches else []
-        by_row, starts = by_row[np.asarray(items, np.int64)], np.concatenate([[0], np.cumsum(sizes)])
-        full = num_batches
-    return Plan(
-        starts=starts.astype(np.int64),
+    plan = Plan(
+        starts=np.searchsorted(batch, np.arange(full + 1)).astype(np.int64),
         example=order[by_row].astype(np.int64),
         row=row[by_row] % rows_per_batch,
         offset=offset[by_row],
         rows=np.full(full, rows_per_batch, np.int64),
         lengths=np.tile(np.asarray(capacity, np.int64), (full, 1)),
     )
+    # Batch k of the epoch is packed batch k % full: the cut and the (rare) repeats stay deterministic.
+    return plan if num_batches is None else take_batches(plan, num_batches)

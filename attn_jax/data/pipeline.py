@@ -7,6 +7,9 @@ them out with a few vectorised NumPy operations. As batch ``i`` depends on ``i``
 random-access ``grain.MapDataset``; the iterator's state is the index of the next batch
 (``{"next_index": i}``), so a restored run sees byte-identical batches whatever the number of threads or worker
 processes (``worker_count``: Grain's multiprocess prefetch, each worker assembling every ``worker_count``-th batch).
+A second prepared split can be mixed into the training pairs at a ratio (``mixed_in``, ``mix_ratio``: the Ding
+dictionary's entries among its sentences), per epoch and from the seed alone (``attn_jax.data.epochs``), so this
+holds with mixing too. Ids come from memory when the split fits under ``in_memory_bytes``, else from its files.
 
 Each batch is a dict of ``int32`` NumPy arrays with ``0 = PAD_ID`` as padding:
 
@@ -30,17 +33,16 @@ import math
 import os
 import signal
 import sys
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Literal
 
 import grain
 import numpy as np
 from absl import flags
 
-from attn_jax.data import batching, packing
+from attn_jax.data import batching, epochs, packing
 from attn_jax.data.assembly import assemble
-from attn_jax.data.prepared import PreparedSplit
+from attn_jax.data.prepared import PreparedSplit, concatenate
 
 Batch = dict[str, np.ndarray]
 _PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
@@ -67,6 +69,10 @@ class PipelineConfig:
       prefetch_buffer_size: batches assembled ahead.
       worker_count: Grain worker processes assembling batches; 0 = threads of this process.
       worker_buffer_size: batches each worker process prepares ahead.
+      mix_ratio: share of each training epoch's pairs drawn from the ``mixed_in`` split of ``train_batches``,
+        in ``[0, 1)``.
+      in_memory_bytes: a split whose ids take at most this many bytes is read into memory once (per process)
+        instead of from its files per batch; 0 always reads the files.
     """
 
     max_length: int = 256
@@ -83,8 +89,12 @@ class PipelineConfig:
     prefetch_buffer_size: int = 16
     worker_count: int = 0
     worker_buffer_size: int = 2
+    mix_ratio: float = 0.0
+    in_memory_bytes: int = 256 << 20
 
     def __post_init__(self):
+        if not 0 <= self.mix_ratio < 1:
+            raise ValueError(f"mix_ratio must be in [0, 1), got {self.mix_ratio}")
         if self.max_length < 2:
             raise ValueError(f"max_length must be >= 2 (one token and EOS), got {self.max_length}")
         if self.overlong not in ("drop", "truncate"):
@@ -111,7 +121,7 @@ class PipelineStats:
     """Exact counts of what happened to the pairs (the same on every host).
 
     Attributes:
-      num_examples: pairs in the split.
+      num_examples: pairs in the split (with the mixed-in split's after them, when mixing).
       dropped_empty: pairs with an empty side (the target side for ``lm``), left out (training only).
       dropped_too_long: pairs longer than a row, left out (``overlong="drop"``).
       truncated: pairs longer than a row, cut to it.
@@ -125,6 +135,7 @@ class PipelineStats:
       pairs_per_row: pairs per row, averaged over the epoch.
       padding_fraction: share of padding among the token slots of the epoch's batches, both sides together.
       padding_fraction_inputs / padding_fraction_targets: the same per side (``inputs`` is 0 for ``lm``).
+      mixed_in_per_epoch: pairs of the mixed-in split among ``batched_per_epoch`` (0 without mixing).
     """
 
     num_examples: int
@@ -141,6 +152,7 @@ class PipelineStats:
     padding_fraction: float
     padding_fraction_inputs: float
     padding_fraction_targets: float
+    mixed_in_per_epoch: int = 0
 
 
 class Batches:
@@ -228,13 +240,20 @@ def _exit_with_parent(parent: int, worker_index: int, worker_count: int) -> None
 
 
 def train_batches(
-    split: PreparedSplit, config: PipelineConfig, *, shard_index: int = 0, shard_count: int = 1
+    split: PreparedSplit,
+    config: PipelineConfig,
+    *,
+    mixed_in: PreparedSplit | None = None,
+    shard_index: int = 0,
+    shard_count: int = 1,
 ) -> Batches:
     """Shuffled training batches, bucketed or packed, reshuffled (and repacked) every epoch.
 
     Args:
       split: the prepared ids and lengths.
       config: batching settings.
+      mixed_in: a second split mixed into every epoch's pairs at ``config.mix_ratio`` (``attn_jax.data.epochs``);
+        its pairs are indexed after ``split``'s (``example_index``). Unused when the ratio is 0.
       shard_index: this host's index (``jax.process_index()``).
       shard_count: number of hosts (``jax.process_count()``).
 
@@ -242,37 +261,44 @@ def train_batches(
       The batches of this host, with stats.
     """
     _check_shard(shard_index, shard_count)
-    limits, status = _row_limits(split.lengths, config, evaluation=False)
+    primary = len(split)
+    select = None
+    if mixed_in is not None and config.mix_ratio > 0:
+        split = concatenate(split, mixed_in)
+    limits, status = _row_limits(split.lengths, config, evaluation=False, primary=primary)
     segments = _segments(split.lengths, limits, config.task)
     kept = status >= 0
+    if len(split) > primary:
+        kept_primary, kept_mixed = np.flatnonzero(kept[:primary]), primary + np.flatnonzero(kept[primary:])
+        select = functools.partial(epochs.epoch_pairs, kept_primary, kept_mixed, config.mix_ratio, seed=config.seed)
     multiple = math.lcm(config.batch_multiple, shard_count)
+    common = {"select": select, "seed": config.seed, "shuffle": config.shuffle}
     if config.packing:
         rows = config.tokens_per_batch // max(limits) // multiple * multiple
         if rows < 1:
             raise ValueError(f"tokens_per_batch={config.tokens_per_batch} cannot hold {multiple} rows of {max(limits)}")
         buckets = None
-        make_plan = functools.partial(packing.packed_plan, segments, kept, limits, rows, seed=config.seed,
-                                      shuffle=config.shuffle)  # fmt: skip
-        # The number of packed rows varies a little per epoch, the batch count may not: every epoch gets the count
-        # of the first less 0.5% (thousands of rows on WMT, far above the variation), see packed_plan.
-        full = len(make_plan(epoch=0, num_batches=None))
-        num_batches = full - full // 200
+        make_plan = functools.partial(epochs.packed_epoch, segments, kept, limits, rows, **common)
     else:
         boundaries = config.boundaries
         buckets = np.where(kept, batching.assign_buckets(segments.max(axis=1), boundaries), -1)
         sizes = batching.batch_sizes(boundaries, config.tokens_per_batch, multiple)
-        make_plan = functools.partial(_bucket_epoch, buckets, sizes, boundaries, seed=config.seed,
-                                      shuffle=config.shuffle)  # fmt: skip
-        num_batches = len(make_plan(epoch=0, num_batches=None))
+        make_plan = functools.partial(epochs.bucket_epoch, buckets, sizes, boundaries, **common)
+    full = len(make_plan(epoch=0, num_batches=None))
+    # The number of packed rows (and, mixing, of each bucket's pairs) varies a little per epoch, the batch count
+    # may not: every epoch gets the count of the first less 0.5% (thousands of rows on WMT, far above the
+    # variation), see batching.take_batches. One split's bucketed epochs all have the same count.
+    num_batches = full - full // 200 if config.packing or select is not None else full
     if num_batches < 1:
         raise ValueError(
             f"{len(split)} pairs fill no batch of {config.tokens_per_batch} tokens: lower tokens_per_batch"
         )
-    planner = _Planner(make_plan, num_batches)
+    planner = epochs.Planner(make_plan, num_batches)
     first = planner(0)
     assemble = _Assembler(split, limits, config, shard_index, shard_count, planner)
     dataset = grain.MapDataset.range(planner.num_batches).repeat(config.num_epochs).map_with_index(assemble)
     stats = _stats(split.lengths, status, segments, buckets, first, config, shard_count, filler_rows=0)
+    stats = dataclasses.replace(stats, mixed_in_per_epoch=int((first.example >= primary).sum()))
     return Batches(dataset, stats, config)
 
 
@@ -299,7 +325,7 @@ def eval_batches(
     single_pass = batching.plan_single_pass(buckets, sizes)
     plan = batching.bucket_plan(single_pass, boundaries)
     fillers = sum(int((rows == batching.NO_EXAMPLE).sum()) for _, rows in single_pass)
-    planner = _Planner(lambda epoch, num_batches: plan, len(plan))
+    planner = epochs.Planner(lambda epoch, num_batches: plan, len(plan))
     dataset = grain.MapDataset.range(len(plan)).map_with_index(_Assembler(split, limits, config, shard_index,
                                                                           shard_count, planner))  # fmt: skip
     stats = _stats(split.lengths, status, segments, buckets, plan, config, shard_count, filler_rows=fillers)
@@ -310,14 +336,23 @@ def eval_batches(
 _KEPT, _TRUNCATED, _DROPPED_EMPTY, _DROPPED_TOO_LONG = 0, 1, -1, -2
 
 
-def _row_limits(lengths: np.ndarray, config: PipelineConfig, *, evaluation: bool) -> tuple[tuple[int, int], np.ndarray]:
+def _row_limits(
+    lengths: np.ndarray, config: PipelineConfig, *, evaluation: bool, primary: int | None = None
+) -> tuple[tuple[int, int], np.ndarray]:
     """The most tokens a pair may take on each side (special ids included) and each pair's status.
 
-    Unpacked rows allow ``max_length`` on each side; packed rows are ``packing.packed_row_lengths`` long.
+    Unpacked rows allow ``max_length`` on each side; packed rows are ``packing.packed_row_lengths`` long, measured
+    on the pairs an epoch holds (the first ``primary`` pairs, and the mixed-in ones after them as often as an
+    epoch takes them).
     """
     limits = (config.max_length, config.max_length)
     if config.packing and not evaluation:
-        limits = packing.packed_row_lengths(_segments(lengths, limits, config.task), config.max_length)
+        segments = _segments(lengths, limits, config.task)
+        if primary is not None and len(lengths) > primary:
+            mixed = epochs.extra_per_epoch(primary, len(lengths) - primary, config.mix_ratio)
+            share = np.where(np.arange(len(lengths)) < primary, 1.0, mixed / (len(lengths) - primary))
+            segments = segments * share[:, None]
+        limits = packing.packed_row_lengths(segments, config.max_length)
     segments_uncut = _segments(lengths, (np.iinfo(np.int32).max,) * 2, config.task)
     too_long = (segments_uncut > np.asarray(limits)).any(axis=1)
     status = np.where(too_long, _TRUNCATED, _KEPT)
@@ -341,46 +376,11 @@ def _check_shard(shard_index: int, shard_count: int) -> None:
         raise ValueError(f"need 0 <= shard_index < shard_count, got {shard_index}, {shard_count}")
 
 
-def _bucket_epoch(buckets, sizes, boundaries, *, seed: int, shuffle: bool, epoch: int, num_batches) -> batching.Plan:
-    """One pair per row, length-bucketed; every epoch has the same number of batches."""
-    del num_batches
-    return batching.bucket_plan(
-        batching.plan_epoch(buckets, sizes, seed=seed, epoch=epoch, shuffle=shuffle), boundaries
-    )
-
-
-class _Planner:
-    """Plans of recent epochs, computed once per process and shared by its prefetch threads.
-
-    Args:
-      make_plan: ``(epoch=, num_batches=) -> Plan``; picklable (each worker process plans for itself).
-      num_batches: batches per epoch.
-    """
-
-    def __init__(self, make_plan: Callable[..., batching.Plan], num_batches: int):
-        self.make_plan, self.num_batches = make_plan, num_batches
-        self._lock, self._plans = threading.Lock(), {}
-
-    def __getstate__(self):  # a lock does not pickle
-        return {"make_plan": self.make_plan, "num_batches": self.num_batches}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state, _lock=threading.Lock(), _plans={})
-
-    def __call__(self, epoch: int) -> batching.Plan:
-        with self._lock:
-            if epoch not in self._plans:
-                # Prefetching crosses at most one epoch boundary, so two plans suffice.
-                self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}
-                self._plans[epoch] = self.make_plan(epoch=epoch, num_batches=self.num_batches)
-            return self._plans[epoch]
-
-
 class _Assembler:
     """``(index, _) -> this host's rows of batch index``: reads the planned pairs' ids and lays them out."""
 
     def __init__(self, split: PreparedSplit, limits, config: PipelineConfig, shard_index, shard_count, planner):
-        self._source, self._lengths, self._dtype = split.source(), split.lengths, np.dtype(split.dtype)
+        self._ids, self._lengths = split.reader(config.in_memory_bytes), split.lengths
         self._limits, self._config, self._planner = limits, config, planner
         self._shard_index, self._shard_count = shard_index, shard_count
 
@@ -394,10 +394,8 @@ class _Assembler:
         row = plan.row[items]
         mine = (row >= first_row) & (row < first_row + rows)
         example = plan.example[items][mine]
-        records = self._source.__getitems__(example.tolist()) if len(example) else []
-        tokens = np.frombuffer(b"".join(records), self._dtype).astype(np.int32)
         return assemble(
-            tokens, self._lengths[example], row[mine] - first_row, plan.offset[items][mine], rows,
+            self._ids.read(example), self._lengths[example], row[mine] - first_row, plan.offset[items][mine], rows,
             tuple(int(n) for n in plan.lengths[batch]), self._limits, packed=self._config.packing,
             translation=self._config.task == "translation", example=example,
         )  # fmt: skip

@@ -14,6 +14,10 @@ A shard is one unit of work. Its ``.npz`` is written last, by atomic rename, so 
 its ``.npz`` exists: a preparation killed at any instant restarts with the shards it had not finished. Paths are
 ``etils.epath`` paths: a ``gs://`` folder is written through a local scratch file and read through a local copy
 (ArrayRecord reads local files).
+
+Reading (``PreparedSplit.reader``): a split whose ids fit under a size threshold (Ding's ~19k training pairs take
+about 1 MB) is read whole into one array the first time a batch needs it, once per process, and batches then
+gather their pairs' ids from memory with one NumPy index; a larger split (WMT) is read from its files per batch.
 """
 
 import collections
@@ -29,6 +33,7 @@ import os
 import pickle
 import re
 import tempfile
+import threading
 from collections.abc import Callable, Iterable
 
 import grain
@@ -71,6 +76,81 @@ class PreparedSplit:
     def source(self) -> grain.sources.ArrayRecordDataSource:
         """Random access to the records (bytes); picklable, so Grain worker processes open it themselves."""
         return grain.sources.ArrayRecordDataSource(list(_local_copies(self.paths)))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all its ids."""
+        return int(self.lengths.sum(dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+    def reader(self, max_bytes: int) -> "InMemoryIds | FileIds":
+        """What batches read ids through: ``InMemoryIds`` when ``nbytes <= max_bytes``, else ``FileIds``."""
+        return InMemoryIds(self) if self.nbytes <= max_bytes else FileIds(self)
+
+
+class FileIds:
+    """Reads pairs' ids from the split's ArrayRecord files, one record per pair (for splits too large to hold)."""
+
+    def __init__(self, split: PreparedSplit):
+        self._source, self._dtype = split.source(), np.dtype(split.dtype)
+
+    def read(self, example: np.ndarray) -> np.ndarray:
+        """``int32`` ids of the pairs ``example`` (``[M]``), concatenated: each pair's source ids, then its target
+        ids."""
+        records = self._source.__getitems__(example.tolist()) if len(example) else []
+        return np.frombuffer(b"".join(records), self._dtype).astype(np.int32)
+
+
+class InMemoryIds:
+    """Every id of a split in one array, read from its files once per process, on first use (so a pickled reader,
+    e.g. in a Grain worker process, carries no ids and reads them there)."""
+
+    def __init__(self, split: PreparedSplit):
+        self._split = split
+        sizes = split.lengths.sum(axis=1, dtype=np.int64)
+        self._starts, self._sizes = np.cumsum(sizes) - sizes, sizes
+        self._ids: np.ndarray | None = None
+        self._lock = threading.Lock()
+
+    def __getstate__(self):
+        return {"_split": self._split, "_starts": self._starts, "_sizes": self._sizes}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _ids=None, _lock=threading.Lock())
+
+    def read(self, example: np.ndarray) -> np.ndarray:
+        """As ``FileIds.read``, from memory."""
+        ids = self._load()
+        sizes = self._sizes[example]
+        owner = np.repeat(np.arange(len(example)), sizes)
+        within = np.arange(len(owner)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+        return ids[self._starts[example][owner] + within].astype(np.int32)
+
+    def _load(self) -> np.ndarray:
+        with self._lock:
+            if self._ids is None:
+                source, records = self._split.source() if len(self._split) else None, []
+                for start in range(0, len(self._split), _READ_CHUNK):
+                    records += source.__getitems__(list(range(start, min(start + _READ_CHUNK, len(self._split)))))
+                self._ids = np.frombuffer(b"".join(records), np.dtype(self._split.dtype))
+                log.info("%s: %d ids held in memory", self._split.directory, len(self._ids))
+            return self._ids
+
+
+def concatenate(first: PreparedSplit, second: PreparedSplit) -> PreparedSplit:
+    """One split holding ``first``'s pairs, then ``second``'s (indices ``len(first)...``); nothing is copied.
+
+    Raises:
+      DataError: the two store ids in different dtypes (prepared with different vocabularies).
+    """
+    if len(first) and len(second) and first.dtype != second.dtype:
+        raise DataError(f"{first.directory} holds {first.dtype} ids, {second.directory} {second.dtype}")
+    return PreparedSplit(
+        directory=first.directory,
+        paths=first.paths + second.paths,
+        lengths=np.concatenate([first.lengths, second.lengths]),
+        dtype=first.dtype if len(first) else second.dtype,
+        issues={issue: first.issues.get(issue, 0) + second.issues.get(issue, 0) for issue in TEXT_ISSUES},
+    )
 
 
 def prepared_key(identity: dict, *, tokenizer_proto: bytes | None, examples_per_shard: int) -> str:
