@@ -7,7 +7,8 @@ An input embedding is a table lookup: "flies" gets the same vector in both sente
 "Fruit"). For a trained model this computes, with the library's public functions only (``runs.load_model``,
 the run's tokenizer, the family's ``encode``), the cosine similarity of every subword of one sentence to every
 subword of the other, for the encoder's representations and for the input embeddings, and draws the two
-matrices side by side (``contextual.png``, numbers in ``contextual.json``). Seconds on a CPU.
+matrices side by side (``contextual_<family>.png``, numbers in ``contextual_<family>.{json,md}``). Seconds on a
+CPU.
 
 The core of it, as a README would show it::
 
@@ -117,7 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ]
         cells = [[piece, *[f"{v:.2f}" for v in row]] for piece, row in zip(found["pieces"][0], found[key], strict=True)]
         lines += results.table(["", *found["pieces"][1]], cells, align="l" + "r" * len(found["pieces"][1]))
-    results.write(args.out, "contextual", report, "\n".join(lines + ["", results.machine_line(report)]), figure(found))
+    name = f"contextual_{found['family']}"
+    results.write(args.out, name, report, "\n".join(lines + ["", results.machine_line(report)]), figure(found))
     print(f"contextual: results in {args.out}/")
     return 0
 
