@@ -343,6 +343,11 @@ _RECURRENT_KEYS = {
 }  # fmt: skip
 
 
+# Transformer options whose non-default value asks for behaviour (not a size) the recurrent families lack.
+_TRANSFORMER_ONLY_BEHAVIOUR = ("remat", "attention_dropout_rate", "activation_dropout_rate", "word_dropout_rate",
+                               "encoder_layerdrop", "decoder_layerdrop")  # fmt: skip
+
+
 def _recurrent_config(config, family: str, values: dict, rnn) -> ModelConfig:
     """``RNNSearchConfig`` / ``RNNEncDecConfig`` from the shared model fields and ``config.model.rnn``.
 
@@ -355,8 +360,10 @@ def _recurrent_config(config, family: str, values: dict, rnn) -> ModelConfig:
     if config.get("data") is not None and config.data.get("packing"):
         raise ConfigError(f"config.data.packing: model.family={family!r} reads each sentence with a recurrent "
                           "state, which would run across packed neighbours; set data.packing=False")  # fmt: skip
-    if values.get("remat"):
-        raise ConfigError(f"config.model.remat: model.family={family!r} does not recompute activations")
+    for name in _TRANSFORMER_ONLY_BEHAVIOUR:
+        if values.get(name):  # a request the recurrent models cannot honour, not a size they ignore
+            raise ConfigError(f"config.model.{name}={values[name]!r}: model.family={family!r} has no such option "
+                              "(Transformer only); leave it at its default")  # fmt: skip
     d_model, score = values["d_model"], rnn.get("score", "additive")
     valid = isinstance(d_model, int) and not isinstance(d_model, bool)
     sizes = {
