@@ -5,7 +5,13 @@ over plain parameter dicts; ``attn_jax.nn`` wraps them as Flax NNX modules. Shap
 ``attn_jax.types``.
 """
 
-from attn_jax.additive import additive_attention, init_additive_attention
+from attn_jax.additive import (
+    additive_attention,
+    dot_attention,
+    general_attention,
+    init_additive_attention,
+    init_general_attention,
+)
 from attn_jax.attention import (
     init_attention_cache,
     init_multi_head_attention,
@@ -18,6 +24,7 @@ from attn_jax.attention import (
 )
 from attn_jax.blocks import decoder_block, encoder_block, init_decoder_block, init_encoder_block
 from attn_jax.decoding import beam_search, greedy_decode, length_penalty, sample_language_model
+from attn_jax.families import FAMILIES, Family, family
 from attn_jax.interop import from_flax_linen_attention
 from attn_jax.layers import (
     dropout,
@@ -57,6 +64,8 @@ from attn_jax.model import (
 )
 from attn_jax.model_config import ConfigError, TransformerConfig
 from attn_jax.optim import make_optimizer, rsqrt_warmup_schedule
+from attn_jax.rnn_encdec import RNNEncDecConfig, init_rnn_encdec, rnn_encdec
+from attn_jax.rnnsearch import RNNSearchConfig, init_rnnsearch, rnnsearch
 
 # The training step lives with the training code (attn_jax.train); imported on first use so that the core never
 # imports training code at package import time.
@@ -75,6 +84,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError",
+    "FAMILIES",
+    "Family",
+    "RNNEncDecConfig",
+    "RNNSearchConfig",
     "TrainState",
     "TransformerConfig",
     "additive_attention",
@@ -86,13 +99,16 @@ __all__ = [
     "decode",
     "decode_step",
     "decoder_block",
+    "dot_attention",
     "dropout",
     "embed",
     "encode",
     "encoder_block",
     "eval_step",
+    "family",
     "forward",
     "from_flax_linen_attention",
+    "general_attention",
     "greedy_decode",
     "init_additive_attention",
     "init_attention_cache",
@@ -100,15 +116,18 @@ __all__ = [
     "init_decoder_block",
     "init_embedding",
     "init_encoder_block",
+    "init_general_attention",
     "init_language_model",
     "init_language_model_cache",
     "init_layer_norm",
     "init_learned_positions",
     "init_multi_head_attention",
     "init_position_wise_ffn",
+    "init_rnn_encdec",
+    "init_rnnsearch",
     "init_train_state",
-    "key_padding_mask",
     "init_transformer",
+    "key_padding_mask",
     "language_model",
     "language_model_step",
     "layer_norm",
@@ -122,6 +141,8 @@ __all__ = [
     "project_key_value",
     "project_output",
     "project_query",
+    "rnn_encdec",
+    "rnnsearch",
     "rsqrt_warmup_schedule",
     "sample_language_model",
     "scaled_dot_product_attention",

@@ -325,9 +325,12 @@ def beam_search(
     """Beam search with GNMT's length penalty (paper §6.1: beam 4, alpha 0.6) on any family's cache.
 
     Alive and finished hypotheses are two sets of ``beam_size`` (as in tensor2tensor and the Flax WMT example):
-    each step extends the alive ones by a token, moves those ending in EOS (or reaching ``max_len``) to the
-    finished set if they rank among the step's ``beam_size`` best, and keeps the best others alive. It stops
-    when no alive hypothesis can beat the worst finished one.
+    each step extends the alive ones by a token, keeps the best ``2 * beam_size`` candidates, and moves those
+    ending in EOS (or reaching ``max_len``) to the finished set. The finishing rule is fairseq's (and Hugging
+    Face's), not tensor2tensor's: an EOS candidate finishes only if it ranks among the step's ``beam_size`` best of
+    the ``2 * beam_size`` (tensor2tensor lets any of the ``2 * beam_size`` finish), so beam 1 with alpha 0 is
+    greedy decoding. The best non-EOS candidates stay alive. It stops when no alive hypothesis can beat the worst
+    finished one.
 
     Args:
       params: the model's parameters (``family(config).init``).

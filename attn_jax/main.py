@@ -20,7 +20,7 @@ _COMMANDS = {
     "eval": "evaluate a checkpoint of a run (loss, accuracy, perplexity, BLEU); read-only",
     "translate": "translate sentences given as arguments, or stdin lines as they arrive; read-only",
     "average": "average the parameters of the last K checkpoints into DIR/checkpoints/averaged",
-    "bench": "benchmarks: attention, train, decode, compile, scaling, pipeline, accelerator, all",
+    "bench": "benchmarks: attention, train, decode, compile, scaling, pipeline, accelerator, table1, families, all",
 }
 
 
