@@ -18,7 +18,7 @@ import numpy as np
 from attn_jax import checkpoint as ckpt_lib
 from attn_jax import config as config_lib
 from attn_jax import loop, parallel, runs
-from attn_jax.data.tokenizer import EOS_ID, decode, encode
+from attn_jax.data.tokenizer import EOS_ID, SourceEncoder, decode
 from attn_jax.evaluate import evaluate_loss, translate_ids, translation_quality
 from attn_jax.model_config import ConfigError
 from attn_jax.train import eval_step
@@ -98,7 +98,8 @@ def translate_stream(model: runs.Model, lines: Iterable[str], *, batch_size: int
 def translate_sentences(model: runs.Model, sentences: list[str]) -> list[str]:
     """Beam-searches raw sentences with ``model`` (beam, length penalty and output budget from its config)."""
     limit = model.model_config.max_len - 1
-    sources = [np.append(encode(model.tokenizer, s)[:limit], EOS_ID).astype(np.int32) for s in sentences]
+    encode_source = SourceEncoder(model.tokenizer)  # the run's language tag first, as in training
+    sources = [np.append(encode_source(s)[:limit], EOS_ID).astype(np.int32) for s in sentences]
     eval_config = model.config.eval
     # Batches padded to a power of two: a handful of compiled shapes whatever the stream's rhythm.
     batch_size = min(eval_config.batch_size, 1 << (len(sources) - 1).bit_length())

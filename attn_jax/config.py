@@ -158,6 +158,10 @@ _VALUE_RULES = {
     "data.worker_count": _integer(0),
     "data.prepare_workers": _integer(0),
     "data.examples_per_shard": _integer(1),
+    "data.lexicon_ratio": _number(0.0, 1.0, open_high=True),
+    "data.lexicon_entries": _one_of("words", "phrases", "all"),
+    "data.bidirectional": (lambda v: isinstance(v, bool), "True or False"),
+    "data.in_memory_mb": _integer(0),
 }
 
 
@@ -193,10 +197,27 @@ def check_values(config: ml_collections.ConfigDict) -> None:
         if not all(accepts(v) for v in values.get(key, ())):
             raise ConfigError(f"config.{key}: expected a tuple of values each {description}, got {values[key]!r}")
     data = config.get("data")
+    if data is not None:
+        _check_data_options(data, config.get("task", "translation"))
     if data is not None and data.get("tokens_per_batch", 0) < data.get("max_length", 0):
         raise ConfigError(
             f"config.data.tokens_per_batch ({data.tokens_per_batch}) must hold at least one sequence of "
             f"config.data.max_length ({data.max_length}) tokens"
+        )
+
+
+def _check_data_options(data: ml_collections.ConfigDict, task: str) -> None:
+    """The data set must offer what ``data.lexicon_ratio`` and ``data.bidirectional`` ask of it."""
+    if data.get("lexicon_ratio", 0.0) > 0 and (data.get("name") != "ding_en_de" or data.get("phrases")):
+        raise ConfigError(
+            f"config.data.lexicon_ratio={data.lexicon_ratio}: dictionary entries need data.name='ding_en_de' "
+            f"and data.phrases=False (got {data.get('name')!r}, phrases={data.get('phrases')}; phrases are among "
+            "the entries: data.lexicon_entries)"
+        )
+    if data.get("bidirectional") and (data.get("name") == "copy" or task != "translation"):
+        raise ConfigError(
+            f"config.data.bidirectional: needs a translation task on a text data set (got task={task!r}, "
+            f"data.name={data.get('name')!r})"
         )
 
 

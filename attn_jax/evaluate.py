@@ -15,7 +15,7 @@ from jax.sharding import Mesh
 
 from attn_jax import parallel
 from attn_jax.bleu import bleu, tokenized_bleu
-from attn_jax.data.tokenizer import EOS_ID, PAD_ID, decode, encode
+from attn_jax.data.tokenizer import EOS_ID, PAD_ID, SourceEncoder, decode
 from attn_jax.decoding import beam_search
 from attn_jax.families import ModelConfig
 
@@ -133,7 +133,7 @@ def translation_quality(
       ``({"bleu": score, "bleu_compound_split": score} or {"exact_match": fraction}, hypotheses)``.
     """
     limit = model_config.max_len - 1
-    to_ids = (lambda src: src) if tokenizer is None else (lambda src: encode(tokenizer, src))
+    to_ids = (lambda src: src) if tokenizer is None else SourceEncoder(tokenizer)  # the run's language tag first
     sources = [np.append(to_ids(src)[:limit], EOS_ID).astype(np.int32) for src, _ in pairs]
     outputs = translate_ids(
         params, sources, model_config=model_config, beam_size=eval_config.beam_size, alpha=eval_config.alpha,

@@ -17,6 +17,11 @@ and warmup 200: 135; pre-norm with 1k-token batches and warmup 300: 110 (chosen)
 Adding the dictionary's ~53k multi-word phrase pairs (``:phrases``) made a full 20-minute run worse: test
 sacreBLEU 0.8 against 2.6 (2,351 steps, validation perplexity 59.7 against 46.7), as the budget then sees
 each sentence fewer times and the phrases do not look like the test sentences.
+
+Options of issue 13, off by default (their values are not tuned yet): ``:lexicon=0.2`` draws 20% of the
+training pairs from the dictionary's word and phrase entries (``entries=words|phrases|all``, default all; none
+matches a held-out sentence), ``:bidirectional`` also trains German -> English with target-language tags, e.g.
+``--config experiments/ding_en_de.py:lexicon=0.2,entries=words,bidirectional``.
 """
 
 from attn_jax import defaults
@@ -24,11 +29,12 @@ from attn_jax.config import parse_arg
 
 
 def get_config(arg=None):
-    args = parse_arg(arg, phrases=False, minutes=14.0)
+    args = parse_arg(arg, phrases=False, minutes=14.0, lexicon=0.0, entries="all", bidirectional=False)
     c = defaults.base_config()
     c.data = defaults.data_config(
         name="ding_en_de", phrases=args.phrases, vocab_size=4000, max_length=48, tokens_per_batch=1024,
-        eval_tokens_per_batch=2048,
+        eval_tokens_per_batch=2048, lexicon_ratio=args.lexicon, lexicon_entries=args.entries,
+        bidirectional=args.bidirectional,
     )  # fmt: skip
     c.model = defaults.model_config(
         d_model=128, num_heads=4, d_ff=512, num_encoder_layers=3, num_decoder_layers=3, max_len=128,

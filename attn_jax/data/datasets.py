@@ -8,6 +8,12 @@ The stages, in the order data flows (each reads what the one before wrote, nothi
    processes, resumable, cached under ``data.prepared_dir`` by (data set, tokenizer);
 4. ``pipeline``: Grain batches (shuffle, pack or bucket, batch, shard) planned from the lengths, read as ids.
 
+Options that add training signal, all off by default: ``data.lexicon_ratio`` mixes the Ding dictionary's entries
+(split ``lexicon``, prepared like the others) into the training pairs; ``data.bidirectional`` trains both
+directions: the tokenizer gets the two language tags, the training pairs (and entries) are prepared forward and
+reversed, and every source, evaluation's and ``translate``'s included, starts with its target-language tag
+(``tokenizer.SourceEncoder``).
+
 ``prepare(config, workdir)`` runs stages 1-3 (``attn-jax prepare``; ``build_datasets`` calls it and finds the
 work done). On several hosts, process 0 trains the tokenizer while the others wait at a barrier, then every host
 encodes its share of the shards into the shared folder and all meet at a barrier before reading; so the workdir
@@ -40,9 +46,10 @@ _FIELD_DEFAULTS = {
     "prepare_workers": 0,
     "examples_per_shard": 100_000,
     "prepared_dir": "",
-}
+    "in_memory_mb": 256,
+} | sources_lib.FIELD_DEFAULTS
 # Fields that change how fast data arrives, not which batches: left out of the fingerprint.
-_RUNTIME_FIELDS = ("data_dir", "num_threads", "worker_count", "prepare_workers", "prepared_dir")
+_RUNTIME_FIELDS = ("data_dir", "num_threads", "worker_count", "prepare_workers", "prepared_dir", "in_memory_mb")
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +118,7 @@ def prepare(
       config: the experiment config (its ``data`` section).
       workdir: the run's directory, local or ``gs://`` (the tokenizer goes there, and the ids unless
         ``data.prepared_dir`` is set).
-      splits: the splits to prepare.
+      splits: the splits to prepare (with ``"train"``, the ``"lexicon"`` too when the run mixes one in).
       tokenizer: use this tokenizer instead of training or loading the run's (readers pass the saved one).
       read_only: write nothing into the workdir: splits not prepared there yet are encoded into this machine's
         temp folder instead (for readers of a run, which never write into it).
@@ -129,8 +136,10 @@ def prepare(
     root = epath.Path(field(data, "prepared_dir") or epath.Path(workdir) / "prepared")
     per_shard = field(data, "examples_per_shard")
     prepared = {}
+    if "train" in splits and "lexicon" in sources:
+        splits = (*splits, "lexicon")
     for split in splits:
-        source = sources[split]
+        source = sources_lib.prepared_source(data, split, sources[split])
         key = prepared_key(sources_lib.identity(data, split, len(source)), tokenizer_proto=proto,
                            examples_per_shard=per_shard)  # fmt: skip
         directory = root / f"{split}-{key}"
@@ -166,6 +175,7 @@ def _run_tokenizer(data, workdir, train_source):
             vocab_size=data.vocab_size,
             model_type=data.tokenizer_type,
             max_sentences=0,  # all of the sample (already bounded by tokenizer_examples)
+            user_defined_symbols=sources_lib.language_tags(data),
         )
 
     if jax.process_count() > 1:  # process 0 trains (or finds) the model in the shared workdir; the rest read it
@@ -234,13 +244,16 @@ def _datasets(config, prepared: Prepared, batch_multiple, shard_index, shard_cou
         max_length=data.max_length, overlong=data.overlong, tokens_per_batch=data.tokens_per_batch,
         batch_multiple=batch_multiple, packing=field(data, "packing"), task=config.task, seed=config.seed,
         num_threads=data.num_threads, worker_count=field(data, "worker_count"),
+        mix_ratio=field(data, "lexicon_ratio"), in_memory_bytes=field(data, "in_memory_mb") << 20,
     )  # fmt: skip
     eval_config = dataclasses.replace(train_config, tokens_per_batch=data.eval_tokens_per_batch, shuffle=False)
     validation = eval_batches(prepared.splits["validation"], eval_config, **shard)
     report = {"validation": dataclasses.asdict(validation.stats)}
     training = None
     if train:
-        batches = train_batches(prepared.splits["train"], train_config, **shard)
+        batches = train_batches(
+            prepared.splits["train"], train_config, mixed_in=prepared.splits.get("lexicon"), **shard
+        )
         training = _ModelBatches(batches.iterator())
         report = {"train": dataclasses.asdict(batches.stats) | prepared.splits["train"].issues} | report
     return Datasets(
@@ -281,8 +294,14 @@ class _ModelBatches:
 
 def fingerprint(config: ml_collections.ConfigDict, tokenizer) -> str:
     """A short hash of the data settings that shape the batches, the task and the tokenizer model (checkpoints
-    compare it; settings of speed alone, such as worker counts, are left out)."""
+    compare it; settings of speed alone, such as worker counts, are left out, and so are the options added since
+    runs were first saved while they keep their neutral values, so a run's fingerprint does not change with them)."""
     settings = {k: v for k, v in config.data.to_dict().items() if k not in _RUNTIME_FIELDS}
+    for name, neutral in sources_lib.FIELD_DEFAULTS.items():
+        if settings.get(name, neutral) == neutral or (
+            name == "lexicon_entries" and not sources_lib.uses_lexicon(config.data)
+        ):
+            settings.pop(name, None)
     digest = hashlib.sha256(ml_collections.ConfigDict(settings).to_json_best_effort(sort_keys=True).encode())
     digest.update(config.task.encode())
     if tokenizer is not None:

@@ -10,11 +10,19 @@ trained in memory, written as bytes and loaded from bytes (``model_proto``), nev
 The special ids are fixed, whatever the corpus: ``PAD_ID = 0`` (so padding is zero and masks are
 ``ids != 0``), ``EOS_ID = 1``, ``BOS_ID = 2``, ``UNK_ID = 3``. ``encode`` adds no special ids; the pipeline
 adds them.
+
+A run trained in both directions (``config.data.bidirectional``; Johnson et al. 2017, "Google's Multilingual
+Neural Machine Translation System") has two more pieces, user-defined symbols that are always one piece each: the
+target-language tags ``language_tags(source_key, target_key)``, e.g. ``("<2de>", "<2en>")``, ids 4 and 5, the
+run's own direction first. ``SourceEncoder`` is the one place that turns a source sentence into the ids a model
+reads: the tag first when the tokenizer has tags, then the sentence's pieces; preparation, evaluation and
+``attn-jax translate`` all call it, so a reader of the run needs nothing but its tokenizer to encode alike.
 """
 
 import io
 import itertools
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Literal
 
@@ -22,6 +30,7 @@ import grain
 import numpy as np
 import sentencepiece as spm
 from etils import epath
+from sentencepiece import sentencepiece_model_pb2
 
 from attn_jax.data.text import clean_text
 
@@ -31,6 +40,7 @@ BOS_ID = 2
 UNK_ID = 3
 MODEL_FILE_NAME = "sentencepiece.model"
 RUN_TOKENIZER_DIR = "tokenizer"  # the tokenizer's folder inside a run's workdir
+_LANGUAGE_TAG = re.compile(r"<2[A-Za-z_-]+>")
 
 ModelType = Literal["unigram", "bpe"]
 
@@ -44,6 +54,7 @@ def train_tokenizer(
     max_sentences: int = 10_000_000,
     character_coverage: float = 1.0,
     num_threads: int = 4,
+    user_defined_symbols: Sequence[str] = (),
 ) -> spm.SentencePieceProcessor:
     """Trains a SentencePiece model on ``texts`` and saves it as ``model_dir/sentencepiece.model``.
 
@@ -56,6 +67,7 @@ def train_tokenizer(
         0 keeps them all (for texts already sampled, see ``sample_texts``).
       character_coverage: share of characters covered by the alphabet; the rest map to ``UNK_ID``.
       num_threads: training threads.
+      user_defined_symbols: pieces that are always one piece (e.g. ``language_tags``), ids 4, 5, ... in order.
 
     Returns:
       The trained tokenizer.
@@ -81,6 +93,7 @@ def train_tokenizer(
         eos_id=EOS_ID,
         bos_id=BOS_ID,
         unk_id=UNK_ID,
+        user_defined_symbols=list(user_defined_symbols),
         minloglevel=2,  # training logs a line per EM step; keep warnings and errors only
     )
     if model_dir is not None:
@@ -159,13 +172,14 @@ def load_or_train_tokenizer(
       model_dir: the folder of the model (``WORKDIR/tokenizer``).
       texts: called only when training, returns the training sentences.
       vocab_size: wanted vocabulary size; a saved model of another size is an error.
-      **train_kwargs: more arguments for ``train_tokenizer``.
+      **train_kwargs: more arguments for ``train_tokenizer``; a saved model must have the same
+        ``user_defined_symbols``.
 
     Returns:
       The tokenizer.
 
     Raises:
-      ValueError: the saved model has another vocabulary size.
+      ValueError: the saved model has another vocabulary size or other user-defined symbols.
 
     Example:
       >>> import tempfile
@@ -182,6 +196,13 @@ def load_or_train_tokenizer(
             raise ValueError(
                 f"{model_dir}/{MODEL_FILE_NAME} has {tokenizer.vocab_size()} pieces, the config asks for "
                 f"{vocab_size}: remove the file or use another workdir"
+            )
+        wanted = tuple(train_kwargs.get("user_defined_symbols", ()))  # type: ignore[arg-type]
+        if user_defined_pieces(tokenizer) != wanted:
+            raise ValueError(
+                f"{model_dir}/{MODEL_FILE_NAME} has the user-defined pieces {user_defined_pieces(tokenizer)}, the "
+                f"config asks for {wanted} (language tags: config.data.bidirectional): remove the file or use another "
+                "workdir"
             )
         return tokenizer
     return train_tokenizer(texts(), model_dir, vocab_size=vocab_size, **train_kwargs)  # type: ignore[arg-type]
@@ -258,6 +279,57 @@ def decode(tokenizer: spm.SentencePieceProcessor, ids: Iterable[int] | np.ndarra
     """
     ids = itertools.takewhile(lambda i: i != EOS_ID, (int(i) for i in np.asarray(ids).reshape(-1)))
     return tokenizer.decode([i for i in ids if i not in (PAD_ID, BOS_ID)])
+
+
+def language_tags(source_language: str, target_language: str) -> tuple[str, str]:
+    """The user-defined pieces of a run trained in both directions: the tag of its own direction's target first.
+
+    Example:
+      >>> language_tags("en", "de")
+      ('<2de>', '<2en>')
+    """
+    return f"<2{target_language}>", f"<2{source_language}>"
+
+
+def user_defined_pieces(tokenizer: spm.SentencePieceProcessor) -> tuple[str, ...]:
+    """The tokenizer's user-defined pieces (``train_tokenizer``'s ``user_defined_symbols``), in id order."""
+    model = sentencepiece_model_pb2.ModelProto.FromString(tokenizer.serialized_model_proto())
+    user_defined = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
+    return tuple(piece.piece for piece in model.pieces if piece.type == user_defined)
+
+
+class SourceEncoder:
+    """Source sentences as the model reads them: the target-language tag (when the tokenizer has language tags),
+    then the sentence's pieces; no EOS (the caller cuts to the model's length and appends it).
+
+    The one place that encodes a source sentence: preparation (``encoding.TextPairEncoder``), evaluation
+    (``evaluate.translation_quality``) and ``attn-jax translate`` call it, so every reader of a run encodes as
+    its training did, from the run's tokenizer alone.
+
+    Args:
+      tokenizer: the run's SentencePiece model.
+      reverse: encode for the reversed direction (German to English on ``ding_en_de``): its tag instead. Only
+        a tokenizer with language tags has one.
+
+    Example:
+      >>> texts = ["the cat sat on the mat", "die Katze sass auf der Matte"] * 20
+      >>> tagged = train_tokenizer(texts, None, vocab_size=40, user_defined_symbols=language_tags("en", "de"))
+      >>> ids = SourceEncoder(tagged)("the cat")
+      >>> tagged.id_to_piece(int(ids[0])), decode(tagged, ids[1:]), SourceEncoder(tagged, reverse=True)("")
+      ('<2de>', 'the cat', array([5], dtype=int32))
+    """
+
+    def __init__(self, tokenizer: spm.SentencePieceProcessor, *, reverse: bool = False):
+        pieces = user_defined_pieces(tokenizer)
+        tags = [tokenizer.piece_to_id(piece) for piece in pieces if _LANGUAGE_TAG.fullmatch(piece)]
+        if reverse and len(tags) != 2:
+            raise ValueError(f"the reversed direction needs a tokenizer with two language tags, this one has {pieces}")
+        self.tokenizer = tokenizer
+        self.prefix = np.asarray(tags[int(reverse) : int(reverse) + 1], np.int32)  # [] or [tag]
+
+    def __call__(self, text: str | bytes) -> np.ndarray:
+        """``int32`` ids ``[S]``: the tag (if any), then the text's pieces."""
+        return np.concatenate([self.prefix, encode(self.tokenizer, text)])
 
 
 def _to_str(text: str | bytes) -> str:
