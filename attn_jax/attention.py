@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from attn_jax import chunked as _chunked
+from attn_jax import fused_random
 from attn_jax.masks import causal_mask, check_full_rank, combine_masks, flatten_batch, named_masks
 from attn_jax.types import Array, AttentionParams, Bool, Float, Int, PRNGKeyArray, ensure_static, upcast_dtype
 
@@ -198,7 +199,7 @@ def _xla_attention(query, key, value, mask, bias, scale, dropout_rate, dropout_r
         # A row with nothing to attend to has a uniform softmax over finfo.min; zero it instead.
         weights = jnp.where(jnp.any(mask, axis=-1, keepdims=True), weights, jnp.zeros((), compute))
     if dropout_rate > 0.0:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
+        keep = fused_random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
         weights = jnp.where(keep, weights / jnp.asarray(1.0 - dropout_rate, compute), jnp.zeros((), compute))
     out = jnp.einsum("BKGTS,BSKH->BTKGH", weights.astype(value.dtype), value)
     # [B, T, K, G, H] -> [B, T, N, H];  [B, K, G, T, S] -> [B, N, T, S]

@@ -13,7 +13,7 @@ parameter tree, scanned or unrolled.
 import jax
 import jax.numpy as jnp
 
-from attn_jax import layers
+from attn_jax import fused_random, layers
 from attn_jax.attention import (
     init_multi_head_attention,
     project_key_value,
@@ -30,7 +30,7 @@ from attn_jax.types import Array, Bool, DecoderBlockParams, EncoderBlockParams, 
 
 
 def split_rngs(rng: PRNGKeyArray | None, n: int) -> list:
-    return [None] * n if rng is None else list(jax.random.split(rng, n))
+    return [None] * n if rng is None else list(fused_random.split(rng, n))
 
 
 # The recipe's extra randomness is drawn from fold_in(a layer's key, stream): the paper's dropout streams (split
@@ -40,7 +40,7 @@ _ACTIVATION_DROPOUT_STREAM, _LAYERDROP_STREAM = 0xAC7D, 0x1D0F
 
 def _stream(rng: PRNGKeyArray | None, stream: int, rate: float):
     """``fold_in(rng, stream)`` when the option is on (``rate > 0``) and the model trains (``rng``), else None."""
-    return None if rng is None or rate == 0.0 else jax.random.fold_in(rng, stream)
+    return None if rng is None or rate == 0.0 else fused_random.fold_in(rng, stream)
 
 
 def _residual(norm_params, x, sublayer, *, config: TransformerConfig, rng):
@@ -272,14 +272,14 @@ def run_stack(block, stack_layers, x, per_layer, *, config: TransformerConfig, l
 
 def layer_rngs(rng: PRNGKeyArray | None, num_layers: int):
     """One dropout key per layer, or None (no dropout)."""
-    return None if rng is None else jax.random.split(rng, num_layers)
+    return None if rng is None else fused_random.split(rng, num_layers)
 
 
 def _layerdrop(block, rate: float):
     """``block`` run with probability ``1 - rate``, else the identity on ``x`` (decided by the layer's key)."""
 
     def maybe(layer_params, x, rng):
-        keep = jax.random.bernoulli(jax.random.fold_in(rng, _LAYERDROP_STREAM), 1.0 - rate)
+        keep = fused_random.bernoulli(fused_random.fold_in(rng, _LAYERDROP_STREAM), 1.0 - rate, ())
         _, outputs = jax.eval_shape(block, layer_params, x, rng)
 
         def skip():

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from attn_jax import fused_random
 from attn_jax.types import Array, Bool, Float, PRNGKeyArray, upcast_dtype
 
 # One float32 block is B*N*cq*ck*4 bytes: 16 MiB at B=1, N=8, and the backward pass holds about four. At
@@ -215,7 +216,8 @@ def _dropout_keep(cfg: _Config, rng, i, j, shape):
     """The keep mask of block (i, j): a function of (rng, i, j) only, so the backward pass sees it again."""
     if rng is None:
         return None
-    return jax.random.bernoulli(jax.random.fold_in(jax.random.fold_in(rng, i), j), 1.0 - cfg.dropout_rate, shape)
+    block_rng = fused_random.fold_in(fused_random.fold_in(rng, i), j)
+    return fused_random.bernoulli(block_rng, 1.0 - cfg.dropout_rate, shape)
 
 
 def _key_chunk_end(cfg: _Config, i):

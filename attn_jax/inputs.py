@@ -5,10 +5,9 @@ Paper §3.4 (embeddings x sqrt(d_model), the pre-softmax projection through the 
 (several sequences per row) give per-token positions and segment ids (``attn_jax.masks``).
 """
 
-import jax
 import jax.numpy as jnp
 
-from attn_jax import layers
+from attn_jax import fused_random, layers
 from attn_jax.masks import real_tokens, segment_positions
 from attn_jax.model_config import ConfigError, TransformerConfig
 from attn_jax.types import upcast_dtype
@@ -63,7 +62,7 @@ def word_dropout(table_params, tokens, *, config: TransformerConfig, rng):
     loss reads never do, and padding is never dropped.
     """
     dtype = jnp.dtype(config.dtype)
-    word_rng = None if rng is None else jax.random.fold_in(rng, _WORD_DROPOUT_STREAM)
+    word_rng = None if rng is None else fused_random.fold_in(rng, _WORD_DROPOUT_STREAM)
     dropped = layers.word_dropout_mask(tokens, config.word_dropout_rate, word_rng, pad_id=config.pad_id)
     if dropped is not None and config.word_dropout_mode == "unk":
         tokens = jnp.where(dropped, jnp.asarray(config.unk_id, tokens.dtype), tokens)

@@ -11,6 +11,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from attn_jax import fused_random
 from attn_jax.types import (
     Array,
     Bool,
@@ -258,7 +259,7 @@ def dropout(x: Float[Array, "..."], rate: float, rng: PRNGKeyArray | None) -> Fl
     ensure_static("dropout", rate=rate)
     if rng is None or rate == 0.0:
         return x
-    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    keep = fused_random.bernoulli(rng, 1.0 - rate, x.shape)  # jax.random's bits, fused into this op
     return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
 
 
@@ -291,4 +292,4 @@ def word_dropout_mask(
         raise ValueError(f"word dropout rate must be in [0, 1), got {rate}")
     if rng is None or rate == 0.0:
         return None
-    return jax.random.bernoulli(rng, rate, tokens.shape) & (tokens != pad_id)
+    return fused_random.bernoulli(rng, rate, tokens.shape) & (tokens != pad_id)
