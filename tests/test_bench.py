@@ -15,9 +15,9 @@ import pytest
 from attn_jax.bench import accelerator, flops, peers
 from attn_jax.bench.cli import main
 from attn_jax.bench.training import QUICK, optimizer, synthetic_batch
+from attn_jax.model import count_params, init_transformer
 from attn_jax.model_config import TransformerConfig
 from attn_jax.train import forward, init_train_state, train_step
-from attn_jax.model import count_params, init_transformer
 
 # Matmuls dominate (H = 64, F = 4 D, V = 4 D), as in real models; unrolled, because XLA's cost analysis counts a
 # while loop's body once, not once per iteration; no dropout, whose random bits XLA would count as FLOPs.
@@ -87,13 +87,15 @@ def test_language_model_forward_flops_match_xla():
     assert 1.0 <= ratio <= 1 + TOLERANCE
 
 
-def test_linen_peer_has_attn_jax_parameters_and_outputs():
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post_norm", "pre_norm"])
+def test_linen_peer_has_attn_jax_parameters_and_outputs(norm_first):
+    config = dataclasses.replace(PRIMES, norm_first=norm_first)
     src = jnp.asarray(np.random.default_rng(0).integers(1, PRIMES.vocab_size, (2, 7)), jnp.int32)
     tgt = jnp.asarray(np.random.default_rng(1).integers(1, PRIMES.vocab_size, (2, 5)), jnp.int32)
-    model = peers.LinenTransformer(PRIMES)
+    model = peers.LinenTransformer(config)
     shapes = jax.eval_shape(model.init, jax.random.key(0), src, tgt)
     assert count_params(shapes["params"]) == count_params(
-        jax.eval_shape(lambda: init_transformer(jax.random.key(0), PRIMES))
+        jax.eval_shape(lambda: init_transformer(jax.random.key(0), config))
     )
     # Random parameters from NumPy: compiling Flax's initialisers would cost several times the forward pass.
     rng = np.random.default_rng(2)
@@ -103,9 +105,10 @@ def test_linen_peer_has_attn_jax_parameters_and_outputs():
     assert bool(jnp.all(jnp.isfinite(logits)))
 
 
-def test_torch_peer_has_attn_jax_parameters_and_outputs():
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post_norm", "pre_norm"])
+def test_torch_peer_has_attn_jax_parameters_and_outputs(norm_first):
     torch = pytest.importorskip("torch")
-    config = PRIMES
+    config = dataclasses.replace(PRIMES, norm_first=norm_first)
     model = peers.torch_transformer(config)
     assert peers.torch_param_count(model) == count_params(
         jax.eval_shape(lambda: init_transformer(jax.random.key(0), config))
@@ -114,6 +117,26 @@ def test_torch_peer_has_attn_jax_parameters_and_outputs():
     logits = model(src, torch.randint(1, config.vocab_size, (2, 5)))
     assert tuple(logits.shape) == (2, 5, config.vocab_size)
     assert bool(torch.isfinite(logits).all())
+
+
+# What the default size must share with the shipped experiment for its timings to be the default run's.
+DEFAULT_RUN_FIELDS = (
+    "vocab_size", "d_model", "num_heads", "num_kv_heads", "head_dim", "d_ff", "num_encoder_layers",
+    "num_decoder_layers", "positions", "dropout_rate", "attention_dropout_rate", "share_embeddings",
+    "tie_output_embedding", "scale_embeddings", "norm_first", "final_norm", "attention_bias", "scan_layers", "remat",
+    "dtype",
+)  # fmt: skip
+
+
+def test_default_size_is_the_default_runs_model_and_batch():
+    from attn_jax import config as config_lib
+    from attn_jax.bench.training import SIZES
+
+    experiment = config_lib.load_experiment("experiments/ding_en_de.py")
+    shipped = config_lib.model_config(experiment)
+    model, batch_size, source_length, target_length = SIZES["default"]
+    assert {f: getattr(model, f) for f in DEFAULT_RUN_FIELDS} == {f: getattr(shipped, f) for f in DEFAULT_RUN_FIELDS}
+    assert batch_size * source_length == batch_size * target_length == experiment.data.tokens_per_batch
 
 
 @pytest.mark.slow  # ~20 s on 2 cores: it compiles three training steps

@@ -43,7 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     attention.add_argument("--implementations", nargs="+", choices=("xla", "chunked", "jax_nn", "cudnn"))
     attention.add_argument("--sweep-length", type=int, help="length of the chunk-size sweep; 0 skips it")
     train = sub.add_parser("train", parents=[common], help="training step: attn_jax against peers, MFU")
-    train.add_argument("--configs", nargs="+", choices=("small", "base"), default=["small", "base"])
+    train.add_argument(
+        "--configs", nargs="+", choices=("default", "small", "base"), default=["default", "small", "base"]
+    )
     train.add_argument("--implementations", nargs="+", choices=("attn_jax", "flax_linen", "torch"))
     decode = sub.add_parser("decode", parents=[common], help="greedy/beam on the cache against re-running")
     decode.add_argument("--lengths", type=int, nargs="+", help="output lengths (default 32..512)")
@@ -155,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Example:
       >>> _parser().parse_args(["train", "--quick", "--out", "/tmp/x"]).configs
-      ['small', 'base']
+      ['default', 'small', 'base']
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)

@@ -5,12 +5,13 @@
 * ``torch_transformer``: ``torch.nn.Transformer`` (PyTorch, an optional ``bench`` extra), with token
   embeddings, sinusoidal positions and the tied output projection around it.
 
-Both follow ``TransformerConfig`` as attn_jax does by default: post-norm (paper §3.1), one embedding table
-shared by source, target and the pre-softmax projection, scaled by sqrt(d_model) (§3.4), sinusoidal positions
-(§3.5), dropout on sub-layer outputs and on embeddings + positions (§5.4), biases in every projection, layer
-norm epsilon ``config.layer_norm_epsilon``, so the parameter counts equal ``count_params(init_transformer(..))``
+Both follow ``TransformerConfig`` as attn_jax does: post-norm (paper §3.1) or pre-norm (``norm_first``, with
+a final LayerNorm after each stack as ``final_norm`` says), one embedding table shared by source, target and the
+pre-softmax projection, scaled by sqrt(d_model) (§3.4), sinusoidal positions (§3.5), dropout on sub-layer
+outputs and on embeddings + positions (§5.4), biases in every projection, layer norm epsilon
+``config.layer_norm_epsilon``, so the parameter counts equal ``count_params(init_transformer(..))``
 (``tests/test_bench.py``). ``torch.nn.Transformer`` always puts a final LayerNorm after each stack, which the
-paper's post-norm model does not have, so its stacks are built with ``norm=None``, and its extra dropouts (on
+paper's post-norm model does not have, so its stacks are built with ``norm=None`` there, and its extra dropouts (on
 the attention weights and inside the FFN) are switched off to match ``attention_dropout_rate = 0``. Peers
 train with the same loss (label-smoothed cross-entropy over non-pad tokens) and Adam constants.
 """
@@ -45,14 +46,19 @@ def _attention(config: TransformerConfig, name: str) -> nn.MultiHeadDotProductAt
 
 
 class _SubLayer(nn.Module):
-    """Post-norm residual: ``LayerNorm(x + Dropout(sublayer(x)))``."""
+    """Residual around ``sublayer``: post-norm ``LayerNorm(x + Dropout(sublayer(x)))``, or pre-norm
+    ``x + Dropout(sublayer(LayerNorm(x)))`` with ``norm_first``."""
 
     config: TransformerConfig
 
     @nn.compact
-    def __call__(self, x, y, deterministic: bool):
-        y = nn.Dropout(self.config.dropout_rate)(y, deterministic=deterministic)
-        return nn.LayerNorm(epsilon=self.config.layer_norm_epsilon)(x + y)
+    def __call__(self, x, sublayer, deterministic: bool):
+        c = self.config
+        norm = nn.LayerNorm(epsilon=c.layer_norm_epsilon)
+        dropout = nn.Dropout(c.dropout_rate)
+        if c.norm_first:
+            return x + dropout(sublayer(norm(x)), deterministic=deterministic)
+        return norm(x + dropout(sublayer(x), deterministic=deterministic))
 
 
 class _FeedForward(nn.Module):
@@ -69,10 +75,9 @@ class _EncoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x, mask, deterministic: bool):
         c = self.config
-        x = _SubLayer(c)(
-            x, _attention(c, "self_attention")(x, x, mask=mask, deterministic=deterministic), deterministic
-        )
-        return _SubLayer(c)(x, _FeedForward(c)(x), deterministic)
+        attention = _attention(c, "self_attention")
+        x = _SubLayer(c)(x, lambda h: attention(h, h, mask=mask, deterministic=deterministic), deterministic)
+        return _SubLayer(c)(x, _FeedForward(c), deterministic)
 
 
 class _DecoderLayer(nn.Module):
@@ -81,12 +86,12 @@ class _DecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, y, memory, self_mask, cross_mask, deterministic: bool):
         c = self.config
+        self_attention, cross_attention = _attention(c, "self_attention"), _attention(c, "cross_attention")
+        y = _SubLayer(c)(y, lambda h: self_attention(h, h, mask=self_mask, deterministic=deterministic), deterministic)
         y = _SubLayer(c)(
-            y, _attention(c, "self_attention")(y, y, mask=self_mask, deterministic=deterministic), deterministic
+            y, lambda h: cross_attention(h, memory, mask=cross_mask, deterministic=deterministic), deterministic
         )
-        cross = _attention(c, "cross_attention")(y, memory, mask=cross_mask, deterministic=deterministic)
-        y = _SubLayer(c)(y, cross, deterministic)
-        return _SubLayer(c)(y, _FeedForward(c)(y), deterministic)
+        return _SubLayer(c)(y, _FeedForward(c), deterministic)
 
 
 class LinenTransformer(nn.Module):
@@ -107,8 +112,8 @@ class LinenTransformer(nn.Module):
     @nn.compact
     def __call__(self, src_tokens, tgt_tokens, deterministic: bool = True):
         c = self.config
-        if not (c.share_embeddings and c.tie_output_embedding and c.positions == "sinusoidal" and not c.norm_first):
-            raise ValueError("the linen peer models the paper's defaults only (shared tied embeddings, post-norm)")
+        if not (c.share_embeddings and c.tie_output_embedding and c.positions == "sinusoidal"):
+            raise ValueError("the linen peer models shared, tied embeddings and sinusoidal positions only")
         embedding = nn.Embed(c.vocab_size, c.d_model, embedding_init=nn.initializers.normal(c.d_model**-0.5))
 
         def embed(tokens):
@@ -120,11 +125,15 @@ class LinenTransformer(nn.Module):
         x = embed(src_tokens)
         for i in range(c.num_encoder_layers):
             x = _EncoderLayer(c, name=f"encoder_{i}")(x, nn.make_attention_mask(src_real, src_real), deterministic)
+        if c.has_final_norm:
+            x = nn.LayerNorm(epsilon=c.layer_norm_epsilon, name="encoder_norm")(x)
         self_mask = nn.combine_masks(nn.make_attention_mask(tgt_real, tgt_real), nn.make_causal_mask(tgt_tokens))
         cross_mask = nn.make_attention_mask(tgt_real, src_real)
         y = embed(tgt_tokens)
         for i in range(c.num_decoder_layers):
             y = _DecoderLayer(c, name=f"decoder_{i}")(y, x, self_mask, cross_mask, deterministic)
+        if c.has_final_norm:
+            y = nn.LayerNorm(epsilon=c.layer_norm_epsilon, name="decoder_norm")(y)
         return embedding.attend(y).astype(jnp.float32)
 
 
@@ -194,16 +203,22 @@ def torch_transformer(config: TransformerConfig, *, seed: int = 0):
                 activation="relu",
                 layer_norm_eps=c.layer_norm_epsilon,
                 batch_first=True,
-                norm_first=False,
+                norm_first=c.norm_first,
                 bias=c.attention_bias,
             )
+
+            def final_norm():
+                return torch.nn.LayerNorm(c.d_model, eps=c.layer_norm_epsilon) if c.has_final_norm else None
+
             encoder = torch.nn.TransformerEncoder(
                 torch.nn.TransformerEncoderLayer(**layer_args),
                 c.num_encoder_layers,
-                norm=None,
+                norm=final_norm(),
                 enable_nested_tensor=False,
             )
-            decoder = torch.nn.TransformerDecoder(torch.nn.TransformerDecoderLayer(**layer_args), c.num_decoder_layers)
+            decoder = torch.nn.TransformerDecoder(
+                torch.nn.TransformerDecoderLayer(**layer_args), c.num_decoder_layers, norm=final_norm()
+            )
             self.transformer = torch.nn.Transformer(custom_encoder=encoder, custom_decoder=decoder, **layer_args)
             for module in self.transformer.modules():
                 if isinstance(module, torch.nn.MultiheadAttention):

@@ -2,9 +2,12 @@
 
     .venv/bin/python -m attn_jax.bench train --out experiments/results          # attn-jax bench train ...
 
-For two float32 configurations, one training step end to end (forward, backward, Adam update, on a batch
+For three float32 configurations, one training step end to end (forward, backward, Adam update, on a batch
 handed over from the host as NumPy arrays, as the training loop does):
 
+* ``default``: the model of ``make train`` (experiments/ding_en_de.py: d_model 128, 3+3 layers, 4 heads, d_ff
+  512, pre-norm, vocabulary 4000) on a batch of its size, 64 x (16 source + 16 target tokens) = ~1k tokens a
+  side (``tests/test_bench.py`` keeps it equal to the experiment's model);
 * ``small``: d_model 256, 3+3 layers, 4 heads, d_ff 1024, vocabulary 8192, batch 32 x (64 source + 64 target
   tokens);
 * ``base``: the paper's base model (d_model 512, 6+6 layers, 8 heads, d_ff 2048), vocabulary 32000, batch
@@ -19,7 +22,8 @@ figure the training loop logs), achieved GFLOP/s and MFU = analytic FLOPs (``att
 the matmul ceiling measured in the same run (``attn_jax.bench.ceiling``).
 
 Targets (issue 5): MFU >= 65% of the measured ceiling on ``base``, and attn_jax >= 1.3x the faster peer's
-tokens/s on both. Expected on the 2-core CPU: about 2-3 minutes for ``small`` and 5-8 for ``base``.
+tokens/s on small and base; issue 13: attn_jax >= the faster peer at every size. Expected on the 2-core CPU:
+about 1-2 minutes for ``default``, 2-3 for ``small`` and 5-8 for ``base``.
 Writes ``train.{json,md,png}``.
 """
 
@@ -32,16 +36,22 @@ from attn_jax.bench import flops as flops_lib
 from attn_jax.bench import peers, results
 from attn_jax.bench.ceiling import default_sizes, matmul_ceiling
 from attn_jax.bench.timing import compile_ahead, interleave
+from attn_jax.model import count_params
 from attn_jax.model_config import TransformerConfig
 from attn_jax.optim import make_optimizer, rsqrt_warmup_schedule
 from attn_jax.train import init_train_state, train_step
-from attn_jax.model import count_params
 
 BOS_ID, FIRST_TOKEN_ID = 2, 4  # as in attn_jax.data.tokenizer (not imported: the suite needs no data code)
 SMALL = dict(vocab_size=8192, d_model=256, num_heads=4, d_ff=1024, num_encoder_layers=3, num_decoder_layers=3)
 QUICK = dict(vocab_size=64, d_model=32, num_heads=2, d_ff=64, num_encoder_layers=1, num_decoder_layers=1)
 # name -> (model, batch size, source length, target length)
+# experiments/ding_en_de.py's model (the vocabulary is its tokenizer's size).
+DEFAULT = dict(
+    vocab_size=4000, d_model=128, num_heads=4, d_ff=512, num_encoder_layers=3, num_decoder_layers=3, max_len=128,
+    dropout_rate=0.1, norm_first=True,
+)  # fmt: skip
 SIZES = {
+    "default": (TransformerConfig(**DEFAULT), 64, 16, 16),
     "small": (TransformerConfig(**SMALL), 32, 64, 64),
     "base": (TransformerConfig.base(vocab_size=32000), 16, 64, 64),
     # For tests of the suite: no dropout and no scan compile about 40% faster, and nothing is measured here.
@@ -49,6 +59,7 @@ SIZES = {
 }
 IMPLEMENTATIONS = ("attn_jax", "flax_linen", "torch")
 TARGET_MFU, TARGET_SPEEDUP = 0.65, 1.3
+TARGET_PEER_RATIO = 1.0  # issue 13: at least the faster peer's tokens/s, at every size
 
 
 def synthetic_batch(config: TransformerConfig, batch_size: int, source_length: int, target_length: int, seed=0):
@@ -205,20 +216,29 @@ def checks(rows: list[dict]) -> list[dict]:
             passed = None if mfu is None else mfu >= TARGET_MFU
             out.append(results.check("attn_jax MFU, base", mfu, f">= {TARGET_MFU}", passed))
         speedup = row["speedup_over_faster_peer"]
-        official = row["size"] in ("small", "base") and speedup is not None
+        measured = speedup is not None and row["size"] != "quick"
+        if row["size"] in ("small", "base"):
+            out.append(
+                results.check(
+                    f"attn_jax tokens/s / faster peer's, {row['size']}",
+                    speedup,
+                    f">= {TARGET_SPEEDUP}",
+                    speedup >= TARGET_SPEEDUP if measured else None,
+                )
+            )
         out.append(
             results.check(
-                f"attn_jax tokens/s / faster peer's, {row['size']}",
+                f"attn_jax at least the faster peer, {row['size']} (issue 13)",
                 speedup,
-                f">= {TARGET_SPEEDUP}",
-                speedup >= TARGET_SPEEDUP if official else None,
+                f">= {TARGET_PEER_RATIO}",
+                speedup >= TARGET_PEER_RATIO if measured else None,
             )
         )
     return out
 
 
 def run(
-    sizes=("small", "base"),
+    sizes=("default", "small", "base"),
     *,
     out=None,
     ceiling=None,
