@@ -46,6 +46,7 @@ def make_optimizer(
     eps: float = 1e-9,
     grad_clip_norm: float | None = None,
     weight_decay: float = 0.0,
+    flat: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Adam with the paper's constants, optionally clipped and decoupled-weight-decayed.
 
@@ -57,6 +58,10 @@ def make_optimizer(
       b1, b2, eps: Adam's constants (paper: 0.9, 0.98, 1e-9).
       grad_clip_norm: clip the global gradient norm to this value first; None = no clipping (paper).
       weight_decay: AdamW decay; 0 = plain Adam (paper).
+      flat: run the update over one flat vector of all parameters (``optax.flatten``): a few fused ops for the
+        whole model instead of several per parameter array (finding 17 of experiments/results/NOTES.md). For
+        replicated parameters only (data parallelism): concatenating sharded ones would gather them. The
+        optimiser state is then flat vectors, so its checkpoints do not restore into the tree layout.
 
     Returns:
       An ``optax.GradientTransformation``.
@@ -77,6 +82,8 @@ def make_optimizer(
     else:
         steps.append(optax.adam(learning_rate, b1=b1, b2=b2, eps=eps))
     tx = optax.chain(*steps) if len(steps) > 1 else steps[0]
+    if flat:
+        tx = optax.flatten(tx)
     return _under_standard_promotion(tx)
 
 

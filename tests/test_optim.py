@@ -242,3 +242,21 @@ def test_optimizer_gives_the_same_updates_eagerly_and_under_jit(without_runtime_
     # first moment cancels to ~1e-3 of it, and one float32 rounding of the larger terms is then 1e-6 relative to
     # that small value. (This test once ran two micro-batches per update, which hid that coordinate.)
     _assert_updates_close(jitted, eager, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"grad_clip_norm": 1.0}, {"weight_decay": 0.1}], ids=["adam", "clipped", "adamw"]
+)
+def test_flat_optimizer_gives_the_tree_optimizers_updates(options):
+    """``flat=True`` runs the same update over one concatenated vector: the same updates to float32 rounding
+    (XLA fuses the vector's ops differently; clipping's global norm also sums in another order)."""
+    grads_seq = _grads(seed=11, scales=(10.0, 0.5, 2.0))
+    schedule = rsqrt_warmup_schedule(16, 2)
+    flat, flat_params, state = _run(make_optimizer(schedule, flat=True, **options), grads_seq)
+    tree, tree_params, _ = _run(make_optimizer(schedule, **options), grads_seq)
+    nu = optax.tree_utils.tree_get(state, "nu")
+    assert nu.shape == (3 * 5 + 7,)  # the second moment (like the first) is one vector
+    _assert_updates_close(flat, tree, rtol=1e-6, atol=1e-9)
+    if not options:
+        _assert_updates_close(flat, numpy_adam(grads_seq, [float(schedule(t)) for t in range(3)]))
+    np.testing.assert_allclose(np.asarray(flat_params["w"]), np.asarray(tree_params["w"]), rtol=1e-6)
