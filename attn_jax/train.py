@@ -6,7 +6,6 @@ A step whose loss or gradients are not finite leaves the parameters and optimise
 ``finite = 0``; the loop then applies the configured policy (raise or skip).
 """
 
-import functools
 from typing import Any
 
 import jax
@@ -14,6 +13,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from attn_jax import fused_random
 from attn_jax.families import ModelConfig, family
 from attn_jax.losses import cross_entropy_sums
 from attn_jax.model import init_language_model, language_model, transformer
@@ -134,7 +134,7 @@ def accumulate_gradients(
     Returns:
       ``(gradient sums, loss sums)`` with the pytree structure of ``gradient_sums``'s result.
     """
-    dropout_rng = jax.random.fold_in(_dropout_rng(rng, step, axis_name), micro_batch)
+    dropout_rng = fused_random.fold_in(_dropout_rng(rng, step, axis_name), micro_batch)
     grads, sums = gradient_sums(params, batch, dropout_rng, model_config=model_config, label_smoothing=label_smoothing)
     return jax.tree.map(jnp.add, accumulated, (grads, sums))
 
@@ -170,23 +170,27 @@ def apply_gradients(
     # Gradients of the *sum*, divided by the global token count: every real token weighs the same.
     denominator = jnp.maximum(sums["weight"], 1.0)
     grads = jax.tree.map(lambda g: g / denominator, grads)
-    finite = jnp.isfinite(sums["loss"]) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    updates = jax.tree.map(lambda u: u * jnp.asarray(learning_rate_scale, u.dtype), updates)
-    params = optax.apply_updates(state.params, updates)
-    keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
-    new_state = TrainState(
-        step=state.step + 1, params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state)
-    )
-    metrics = sums | {"grad_norm": optax.tree.norm(grads), "finite": finite.astype(jnp.float32)}
+    grad_norm = optax.tree.norm(grads)
+    # One scalar guards the update: the norm is NaN/Inf when any gradient is (or when |g| > ~1.8e19, whose square
+    # overflows float32), and lax.cond skips the whole update rather than selecting every array elementwise.
+    finite = jnp.isfinite(sums["loss"]) & jnp.isfinite(grad_norm)
+
+    def update(params, opt_state):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        updates = jax.tree.map(lambda u: u * jnp.asarray(learning_rate_scale, u.dtype), updates)
+        return optax.apply_updates(params, updates), opt_state
+
+    params, opt_state = jax.lax.cond(finite, update, lambda p, o: (p, o), state.params, state.opt_state)
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+    metrics = sums | {"grad_norm": grad_norm, "finite": finite.astype(jnp.float32)}
     return new_state, metrics
 
 
 def _dropout_rng(rng, step, axis_name):
     """This update's dropout key, ``fold_in(rng, step)``, and under ``pmap`` one stream per device."""
-    dropout_rng = jax.random.fold_in(rng, step)
+    dropout_rng = fused_random.fold_in(rng, step)  # jax.random.fold_in bit for bit, without XLA:CPU's loop
     if axis_name is not None:
-        dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axis_name))
+        dropout_rng = fused_random.fold_in(dropout_rng, jax.lax.axis_index(axis_name))
     return dropout_rng
 
 
