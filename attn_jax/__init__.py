@@ -64,8 +64,10 @@ from attn_jax.model import (
 )
 from attn_jax.model_config import ConfigError, TransformerConfig
 from attn_jax.optim import make_optimizer, rsqrt_warmup_schedule
-from attn_jax.rnn_encdec import RNNEncDecConfig, init_rnn_encdec, rnn_encdec
-from attn_jax.rnnsearch import RNNSearchConfig, init_rnnsearch, rnnsearch
+
+# The recurrent models' own functions keep their modules' names (aj.rnnsearch.rnnsearch): no name shadows a module.
+from attn_jax.rnn_encdec import RNNEncDecConfig, init_rnn_encdec
+from attn_jax.rnnsearch import RNNSearchConfig, init_rnnsearch
 
 # The training step lives with the training code (attn_jax.train); imported on first use so that the core never
 # imports training code at package import time.
@@ -141,8 +143,6 @@ __all__ = [
     "project_key_value",
     "project_output",
     "project_query",
-    "rnn_encdec",
-    "rnnsearch",
     "rsqrt_warmup_schedule",
     "sample_language_model",
     "scaled_dot_product_attention",

@@ -142,7 +142,8 @@ class MetricsWriter:
 
     Args:
       workdir: the run's directory (a path or a URL); created if missing. An existing log is appended to, so a
-        resumed run continues the same file (steps redone after the last checkpoint appear twice; readers keep the last).
+        resumed run continues the same file (steps redone after the last checkpoint appear twice; readers keep
+        the last).
       enabled: write at all. ``None`` means "only on process 0" (``jax.process_index() == 0``).
 
     Example:
@@ -288,8 +289,8 @@ class ProgressBar:
       >>> bar = ProgressBar(100, initial_step=0, stream=out)
       >>> bar.update(10, loss=2.0, learning_rate=1e-3, tokens_per_second=5e4)
       >>> bar.close()
-      >>> out.getvalue()
-      'step 10/100 (10%) | loss 2.0000 | lr 1.00e-03 | 50.0k tok/s\n'
+      >>> print(out.getvalue(), end="")
+      step 10/100 (10%) | loss 2.0000 | lr 1.00e-03 | 50.0k tok/s
     """
 
     def __init__(

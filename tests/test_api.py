@@ -481,3 +481,17 @@ def test_readme_using_the_functions_example_runs():
     assert blocks, "the section has no python example"
     for block in blocks:
         exec(compile(block, "README.md (Using the functions)", "exec"), {})  # asserts inside the example
+
+
+def test_no_top_level_name_shadows_a_module_of_the_package():
+    """``import attn_jax.model`` and ``from attn_jax import rnnsearch`` must give modules, not functions."""
+    import importlib
+    import pkgutil
+
+    import attn_jax
+
+    for info in pkgutil.iter_modules(attn_jax.__path__):
+        if info.name.startswith("_"):  # __main__ runs the command line when imported
+            continue
+        module = importlib.import_module(f"attn_jax.{info.name}")
+        assert getattr(attn_jax, info.name) is module, info.name
