@@ -44,6 +44,7 @@ DING_OVERRIDES = [
     "model.num_decoder_layers=1", "model.max_len=64", "train.steps=10", "train.warmup_steps=5",
     "train.time_budget_minutes=0", "train.log_every=5", "train.checkpoint_every=5", "train.eval_every=1000",
     "eval.beam_size=2", "eval.extra_length=5", "eval.batch_size=4", "eval.attention_plots=0",
+    "eval.average_last=0",  # the tests below write and read checkpoints/averaged themselves
 ]  # fmt: skip
 
 
