@@ -326,6 +326,26 @@ def compute_params(params, dtype: str):
     return jax.tree.map(lambda w: w.astype(dtype), params) if jnp.dtype(dtype) != jnp.float32 else params
 
 
+class RecurrentSizes:
+    """The sizes the training loop reads, derived the same way for both recurrent configs (``RNNSearchConfig``,
+    ``RNNEncDecConfig``), which inherit them; it holds no fields of its own."""
+
+    @property
+    def resolved_encoder_dim(self) -> int:
+        """``E``: ``encoder_dim``, or ``hidden_dim`` (the papers' equal sizes)."""
+        return self.hidden_dim if self.encoder_dim is None else self.encoder_dim
+
+    @property
+    def d_model(self) -> int:
+        """The model width the learning-rate schedule scales by: the decoder state size ``D``."""
+        return self.hidden_dim
+
+    @property
+    def vocab_size(self) -> int:
+        """The output vocabulary ``Vt``."""
+        return self.target_vocab
+
+
 def check_config(config, int_fields: tuple[str, ...]) -> None:
     """The checks both recurrent configs share; errors name ``<Class>.<field>`` as ``TransformerConfig``'s do."""
     name = type(config).__name__

@@ -27,6 +27,7 @@ from attn_jax.blocks import split_rngs
 from attn_jax.rnn import (
     GRUParams,
     ReadoutParams,
+    RecurrentSizes,
     check_config,
     compute_params,
     decoder_gru_step,
@@ -54,7 +55,7 @@ class RNNEncDecParams(TypedDict):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class RNNEncDecConfig:
+class RNNEncDecConfig(RecurrentSizes):
     """Sizes default to Bahdanau et al.'s RNNencdec (1000 units, 620-wide embeddings, maxout 500); hashable.
 
     Example:
@@ -79,21 +80,6 @@ class RNNEncDecConfig:
     def __post_init__(self):
         check_config(self, ("hidden_dim", "source_vocab", "target_vocab", "embed_dim", "resolved_encoder_dim",
                             "maxout_dim", "max_len"))  # fmt: skip
-
-    @property
-    def resolved_encoder_dim(self) -> int:
-        """``E``: ``encoder_dim``, or ``hidden_dim``."""
-        return self.hidden_dim if self.encoder_dim is None else self.encoder_dim
-
-    @property
-    def d_model(self) -> int:
-        """The model width the learning-rate schedule scales by: the decoder state size ``D``."""
-        return self.hidden_dim
-
-    @property
-    def vocab_size(self) -> int:
-        """The output vocabulary ``Vt``."""
-        return self.target_vocab
 
 
 def init_rnn_encdec(rng: PRNGKeyArray, config: RNNEncDecConfig, *, dtype=jnp.float32) -> RNNEncDecParams:

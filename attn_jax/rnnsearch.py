@@ -30,6 +30,7 @@ from attn_jax.model_config import ConfigError
 from attn_jax.rnn import (
     GRUParams,
     ReadoutParams,
+    RecurrentSizes,
     check_config,
     compute_params,
     decoder_gru_step,
@@ -56,7 +57,7 @@ class RNNSearchParams(TypedDict, total=False):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class RNNSearchConfig:
+class RNNSearchConfig(RecurrentSizes):
     """Sizes default to the paper's RNNsearch (appendix A.2); hashable, so it can be a static argument.
 
     Example:
@@ -90,21 +91,6 @@ class RNNSearchConfig:
                 f"({2 * self.resolved_encoder_dim}) == hidden_dim ({self.hidden_dim}); set encoder_dim to "
                 f"{self.hidden_dim / 2:g} or use 'general'"
             )
-
-    @property
-    def resolved_encoder_dim(self) -> int:
-        """``E``: ``encoder_dim``, or ``hidden_dim`` as in the paper."""
-        return self.hidden_dim if self.encoder_dim is None else self.encoder_dim
-
-    @property
-    def d_model(self) -> int:
-        """The model width the learning-rate schedule scales by: the decoder state size ``D``."""
-        return self.hidden_dim
-
-    @property
-    def vocab_size(self) -> int:
-        """The output vocabulary ``Vt``."""
-        return self.target_vocab
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -8,8 +8,10 @@ Measured on 2 CPU cores (2026-11-22): 2 min 16 s for the 1200 steps and the eval
 match 99.6% on validation and on test (255 of 256 sequences each; tests require >= 99%). With Adam's beta2
 0.999 (2026-12-01, a loaded machine): Transformer 100% / 100% in 2 min 10 s; RNNsearch (model.family=rnnsearch)
 100% / 100% on seeds 0-2 in 45-55 s. The RNN encoder-decoder (model.family=rnn_encdec) reaches only 50% (48%
-validation) in the 1200 steps: its one fixed vector is the bottleneck (71-75% with
---config.model.rnn.reverse_source=true, 83% after 3600 steps; tests/test_families.py learns 3-5 tokens).
+validation) in the 1200 steps: its one fixed vector is the bottleneck. Its best probe (2026-12-02, 2-core AMD
+EPYC): 95.3% on test after 3600 steps with --config.model.d_model=256 --config.model.rnn.reverse_source=true
+--config.data.copy.train_examples=500000, short of 99% (experiments/results/copy_rnn_encdec/; tests/test_families.py
+learns 3-5 tokens).
 A sanity check of the whole path (data, model, loss, schedule, beam search) with no files to fetch.
 """
 

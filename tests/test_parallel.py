@@ -16,9 +16,9 @@ from attn_jax import loop, parallel
 from attn_jax.config import load_experiment
 from attn_jax.decoding import beam_search, greedy_decode
 from attn_jax.evaluate import translate_ids
+from attn_jax.model import init_transformer
 from attn_jax.optim import make_optimizer, rsqrt_warmup_schedule
 from attn_jax.train import TrainState, init_train_state
-from attn_jax.model import init_transformer
 
 STEPS = 20
 BATCH, LENGTH, VOCAB = 16, 8, 32

@@ -54,7 +54,8 @@ def encoder_states(model: runs.Model, ids: np.ndarray) -> np.ndarray:
     if name == "rnnsearch":
         return np.asarray(rnnsearch.encode(params, src, config=config)[0])[0]
     x = jnp.take(params["source_embedding"], src, axis=0)
-    states = rnn.gru(params["encoder"], x, src != config.pad_id, reverse=config.reverse_source)
+    states = rnn.gru(params["encoder"], x, src != config.pad_id, reverse=config.reverse_source,
+                     reset_after=config.reset_after)  # fmt: skip
     return np.asarray(states)[0]
 
 

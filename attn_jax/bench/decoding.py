@@ -25,8 +25,8 @@ import numpy as np
 from attn_jax.bench import results
 from attn_jax.bench.timing import compile_ahead, interleave
 from attn_jax.decoding import beam_search, greedy_decode, greedy_decode_uncached
-from attn_jax.model_config import TransformerConfig
 from attn_jax.model import count_params, init_transformer
+from attn_jax.model_config import TransformerConfig
 
 LENGTHS = (32, 64, 128, 256, 512)
 SMALL = dict(vocab_size=8192, d_model=256, num_heads=4, d_ff=1024, num_encoder_layers=3, num_decoder_layers=3)
