@@ -15,7 +15,9 @@ checkpoint every 100 steps, all kept, for ``attn-jax bench families``.
 
 Not tuned on this machine (see experiments/rnnsearch_ding_en_de.py). On the copy task this family needs far
 more steps than RNNsearch as sequences grow (tests/test_families.py), the fixed-length bottleneck Bahdanau et al.
-measured. Measured: see experiments/results/families.md (filled in by the runs above).
+measured. Measured (2026-12-02, idle 2-core AMD EPYC, experiments/results/families.md): 2,436 steps in 20
+minutes at 3.1k target tokens/s, validation perplexity 57.5, test sacreBLEU 1.58 (0.87 at 5 minutes, 0.75 at 10),
+against RNNsearch's 2.17 and the Transformer's 5.14.
 """
 
 from attn_jax import defaults
