@@ -107,6 +107,26 @@ def init_rnn_encdec(rng: PRNGKeyArray, config: RNNEncDecConfig, *, dtype=jnp.flo
     }
 
 
+def encoder_states(
+    params: RNNEncDecParams,
+    source_tokens: Int[Array, "B S"],
+    *,
+    config: RNNEncDecConfig,
+    dropout_rng: PRNGKeyArray | None = None,
+) -> Float[Array, "B S E"]:
+    """The encoder GRU's state after each source token, ``[B, S, E]`` (read backwards under ``reverse_source``).
+
+    Example:
+      >>> cfg = RNNEncDecConfig(source_vocab=7, target_vocab=11, embed_dim=4, hidden_dim=5, maxout_dim=3)
+      >>> encoder_states(init_rnn_encdec(jax.random.key(0), cfg), jnp.ones((2, 3), int), config=cfg).shape
+      (2, 3, 5)
+    """
+    params = compute_params(params, config.dtype)
+    real = source_tokens != config.pad_id
+    x = embed_tokens(params["source_embedding"], source_tokens, dropout_rate=config.dropout_rate, rng=dropout_rng)
+    return gru(params["encoder"], x, real, reverse=config.reverse_source, reset_after=config.reset_after)
+
+
 def encode(
     params: RNNEncDecParams,
     source_tokens: Int[Array, "B S"],
@@ -132,9 +152,7 @@ def encode(
       ((2, 5), (2, 5))
     """
     params = compute_params(params, config.dtype)
-    real = source_tokens != config.pad_id
-    x = embed_tokens(params["source_embedding"], source_tokens, dropout_rate=config.dropout_rate, rng=dropout_rng)
-    states = gru(params["encoder"], x, real, reverse=config.reverse_source, reset_after=config.reset_after)
+    states = encoder_states(params, source_tokens, config=config, dropout_rng=dropout_rng)
     # Padding keeps the state, so the end of the scan holds h_N of the last token read, wherever padding is.
     last = states[:, 0] if config.reverse_source else states[:, -1]  # [B, E]
     summary = jnp.tanh(last @ params["w_c"] + params["b_c"][None])

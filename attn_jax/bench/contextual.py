@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from attn_jax import families, rnn, rnnsearch, runs
+from attn_jax import families, rnn_encdec, rnnsearch, runs
 from attn_jax.bench import results
 from attn_jax.data.tokenizer import encode
 from attn_jax.model import encode as transformer_encode
@@ -53,10 +53,7 @@ def encoder_states(model: runs.Model, ids: np.ndarray) -> np.ndarray:
         return np.asarray(transformer_encode(params, src, config=config))[0]
     if name == "rnnsearch":
         return np.asarray(rnnsearch.encode(params, src, config=config)[0])[0]
-    x = jnp.take(params["source_embedding"], src, axis=0)
-    states = rnn.gru(params["encoder"], x, src != config.pad_id, reverse=config.reverse_source,
-                     reset_after=config.reset_after)  # fmt: skip
-    return np.asarray(states)[0]
+    return np.asarray(rnn_encdec.encoder_states(params, src, config=config))[0]
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
