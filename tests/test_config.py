@@ -32,6 +32,8 @@ SHIPPED = [
     "tiny.py",
     "ding_en_de.py",
     "ding_en_de.py:phrases,minutes=1.5",
+    "ding_en_de.py:hour",
+    "ding_en_de.py:hour,lexicon=0,minutes=30",
     "wmt14_en_de.py",
     "wmt14_en_de.py:size=big",
     "wmt14_en_de.py:size=base,runlocal",
