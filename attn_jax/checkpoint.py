@@ -374,7 +374,7 @@ def _placed(target: PyTree) -> PyTree:
     return jax.tree.map(place, target)
 
 
-def average_checkpoints(directory, params_target: PyTree, *, last: int) -> tuple[PyTree, list[int]]:
+def average_checkpoints(directory, params_target: PyTree, *, last: int, min_gap: int = 0) -> tuple[PyTree, list[int]]:
     """Averages the parameters of the newest ``last`` readable checkpoints (paper §6.1: 5 for base, 20 for big).
 
     Only the parameters are read, read-only; floating-point leaves are accumulated in float32 and cast back,
@@ -393,11 +393,11 @@ def average_checkpoints(directory, params_target: PyTree, *, last: int) -> tuple
       CheckpointError: no checkpoint is readable.
       CheckpointMismatchError: as for ``Checkpointer.restore``.
     """
-    _, params, steps = _average(directory, params_target, last=last)
+    _, params, steps = _average(directory, params_target, last=last, min_gap=min_gap)
     return params, steps
 
 
-def save_averaged(directory, params_target: PyTree, *, last: int, max_to_keep: int = 3) -> list[int]:
+def save_averaged(directory, params_target: PyTree, *, last: int, min_gap: int = 0, max_to_keep: int = 3) -> list[int]:
     """Averages the newest ``last`` checkpoints and writes ``{"params", "step"}`` to ``<directory>/averaged/<step>``.
 
     The averaged checkpoint lives in its own subdirectory, under the newest averaged step, so the training
@@ -410,12 +410,14 @@ def save_averaged(directory, params_target: PyTree, *, last: int, max_to_keep: i
       directory: the training run's checkpoint directory.
       params_target: abstract parameters as for ``Checkpointer.restore``.
       last: how many of the newest checkpoints to average.
+      min_gap: skip a checkpoint fewer than this many steps before the next newer one taken (a run stopped by
+        its time budget just after a periodic save would otherwise weigh its end twice).
       max_to_keep: how many averaged checkpoints to keep.
 
     Returns:
       The steps averaged, in increasing order; the checkpoint is written under the last of them.
     """
-    newest, params, steps = _average(directory, params_target, last=last)
+    newest, params, steps = _average(directory, params_target, last=last, min_gap=min_gap)
     metadata = {**newest.metadata, "averaged_steps": steps}
     state = {"params": params, "step": jnp.asarray(newest.step, jnp.int32)}
     with Checkpointer(_join(directory, AVERAGED), max_to_keep=max_to_keep, async_save=False) as averaged:
@@ -452,13 +454,15 @@ def read_params(directory, params_target: PyTree, *, checkpoint: str | int = "la
         return reader.restore({"params": params_target}, step=step)
 
 
-def _average(directory, params_target: PyTree, *, last: int) -> tuple[Restored, PyTree, list[int]]:
+def _average(directory, params_target: PyTree, *, last: int, min_gap: int) -> tuple[Restored, PyTree, list[int]]:
     if last < 1:
         raise ValueError(f"last must be at least 1, got {last}")
     target = {"params": params_target}
     with Checkpointer(directory, read_only=True) as checkpointer:
         newest, total, steps = None, None, []
         for step in sorted(checkpointer.all_steps(), reverse=True):
+            if steps and steps[-1] - step < min_gap:
+                continue
             try:
                 restored = checkpointer.restore(target, step=step)
             except CheckpointError:

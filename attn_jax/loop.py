@@ -121,7 +121,7 @@ def _finish(config, model_config, steps, device_state, datasets, writer, checkpo
     extra = {}
     if config.eval.average_last > 1:
         device_state, extra["averaged_steps"] = _average_last(
-            config.eval.average_last, steps, device_state, checkpointer
+            config.eval.average_last, config.train.checkpoint_every // 2, steps, device_state, checkpointer
         )
         log.info("evaluating the average of the checkpoints of steps %s", extra["averaged_steps"])
     config, extra["decoding"] = _choose_decoding(config, model_config, steps.get_state(device_state).params, datasets,
@@ -132,13 +132,14 @@ def _finish(config, model_config, steps, device_state, datasets, writer, checkpo
     return results
 
 
-def _average_last(count: int, steps, device_state, checkpointer) -> tuple:
-    """``(device state with the average of the newest ``count`` checkpoints' parameters, the steps averaged)``;
-    the average is also written to ``checkpoints/averaged``, where ``attn-jax eval --checkpoint averaged`` reads
-    it."""
+def _average_last(count: int, min_gap: int, steps, device_state, checkpointer) -> tuple:
+    """``(device state with the average of the newest ``count`` checkpoints' parameters, the steps averaged)``,
+    skipping any saved fewer than ``min_gap`` steps before a newer one (the budget's final save just after a
+    periodic one); the average is also written to ``checkpoints/averaged``, where ``attn-jax eval --checkpoint
+    averaged`` reads it."""
     state = steps.get_state(device_state)
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state.params)
-    averaged = ckpt_lib.save_averaged(checkpointer.directory, target, last=count)
+    averaged = ckpt_lib.save_averaged(checkpointer.directory, target, last=count, min_gap=min_gap)
     params = ckpt_lib.read_params(checkpointer.directory, target, checkpoint=ckpt_lib.AVERAGED).state["params"]
     return steps.put_state(state.replace(params=params)), averaged
 

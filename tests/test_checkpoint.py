@@ -278,6 +278,21 @@ def test_average_checkpoints_equals_numpy_mean_of_params(tmp_path):
                                    err_msg=str(path))  # fmt: skip
 
 
+def test_averaging_skips_a_checkpoint_saved_just_before_a_newer_one(tmp_path):
+    # A run stopped by its time budget at step 301, one step after the periodic save of 300.
+    _save_steps(tmp_path, [100, 200, 300, 301], max_to_keep=4)
+    assert average_checkpoints(tmp_path, _target()["params"], last=3)[1] == [200, 300, 301]
+    averaged, steps = average_checkpoints(tmp_path, _target()["params"], last=3, min_gap=50)
+    assert steps == [100, 200, 301]
+    expected = jax.tree.map(
+        lambda *leaves: np.mean([np.asarray(x, np.float64) for x in leaves], axis=0),
+        *[_trained_state(step)["params"] for step in steps],
+    )
+    for actual, want in zip(jax.tree.leaves(averaged), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(np.asarray(actual, np.float32), want, rtol=1e-6)
+    assert save_averaged(tmp_path, _target()["params"], last=3, min_gap=50) == [100, 200, 301]
+
+
 def test_save_averaged_writes_a_separate_params_checkpoint_that_read_params_reads(tmp_path):
     _save_steps(tmp_path, [1, 2, 3])
     assert save_averaged(tmp_path, _target()["params"], last=2) == [2, 3]

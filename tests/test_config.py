@@ -127,6 +127,25 @@ def test_ding_arguments():
     assert _load("ding_en_de.py").data.phrases is False
 
 
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("ding_en_de.py", False),
+        ("ding_en_de.py:bidirectional", True),
+        ("ding_en_de.py:hour", True),
+        ("ding_en_de.py:hour,bidirectional=false", False),  # an argument overrides the preset's recipe
+        ("ding_en_de.py:hour,bidirectional=False", False),
+    ],
+)
+def test_ding_bidirectional_argument_overrides_the_recipe_both_ways(spec, expected):
+    assert _load(spec).data.bidirectional is expected
+
+
+def test_ding_bidirectional_argument_rejects_other_words():
+    with pytest.raises(ConfigError, match="argument bidirectional: expected true or false, got 'maybe'"):
+        _load("ding_en_de.py:bidirectional=maybe")
+
+
 def test_lm_experiment_is_a_decoder_only_model():
     config = _load("lm_ding_de.py")
     assert config.task == "lm"

@@ -2,6 +2,9 @@
 
     attn-jax train --config experiments/ding_en_de.py:minutes=20 --workdir runs/families/transformer \\
         --config.train.checkpoint_every=100 --config.train.keep_checkpoints=1000
+    # (the committed families.md ran the 2026-12-02 recipe: add --config.model.dropout_rate=0.1
+    #  --config.model.attention_dropout_rate=0 --config.train.learning_rate_scale=1 --config.eval.beam_size=4
+    #  --config.eval.alpha=0.6)
     attn-jax train --config experiments/rnnsearch_ding_en_de.py --workdir runs/families/rnnsearch
     attn-jax train --config experiments/rnn_encdec_ding_en_de.py --workdir runs/families/rnn_encdec
     attn-jax bench families --runs runs/families/transformer runs/families/rnnsearch runs/families/rnn_encdec \\
