@@ -283,6 +283,16 @@ def test_final_evaluation_averages_the_last_checkpoints_and_picks_decoding_on_va
     )
 
 
+def test_the_final_average_skips_a_periodic_save_made_just_before_the_last_one(tmp_path):
+    # Saves at 4 and 8 (every 4) and at the last step, 9: 8 is less than half an interval before 9, so the two
+    # checkpoints averaged are 4 and 9, not 8 and 9 (a run stopped by its budget would weigh its end twice).
+    results = _train(
+        TINY, tmp_path, "train.steps=9", "train.checkpoint_every=4", "train.keep_checkpoints=4",
+        "train.eval_every=100", "eval.average_last=2",
+    )  # fmt: skip
+    assert results["averaged_steps"] == [4, 9]
+
+
 def test_decay_to_budget_takes_the_learning_rate_linearly_to_zero_at_the_deadline(monkeypatch):
     loop = _loop()
     now = [1000.0]

@@ -267,9 +267,10 @@ def test_pmap_trains_with_accumulation_through_the_cli_and_counts_updates(tmp_pa
     overrides = ["--config.parallel.strategy=pmap", "--config.train.accumulation_steps=3",
                  "--config.train.steps=4", "--config.train.log_every=1", "--config.train.checkpoint_every=2",
                  "--config.train.eval_every=1000"]  # fmt: skip
-    # 4 simulated devices: each all-reduce waits for every device's thread, and on a loaded 2-core machine 8 of them
-    # once missed XLA:CPU's rendezvous deadline (tests/test_parallel.py checks pmap over 8 in one process).
-    ok(attn_jax("train", "--config", TINY, "--workdir", str(workdir), *overrides, cwd=tmp_path, devices=4))
+    # 2 simulated devices: each all-reduce waits for every device's thread, and on a loaded 2-core machine 8 of them,
+    # and once 4 (2026-12-03, beside other jobs), missed XLA:CPU's rendezvous deadline and aborted the process
+    # (tests/test_parallel.py checks pmap over 8 in one process).
+    ok(attn_jax("train", "--config", TINY, "--workdir", str(workdir), *overrides, cwd=tmp_path, devices=2))
     # train.steps, the logged steps, the schedule and the checkpoints all count optimiser updates (not the 12
     # micro-batches): equation 3 of the paper at update 1..4 with d_model 32 and 10 warm-up steps (tiny.py).
     records = [r for r in read_metrics(workdir) if r["split"] == "train"]
