@@ -374,7 +374,9 @@ def _placed(target: PyTree) -> PyTree:
     return jax.tree.map(place, target)
 
 
-def average_checkpoints(directory, params_target: PyTree, *, last: int, min_gap: int = 0) -> tuple[PyTree, list[int]]:
+def average_checkpoints(
+    directory, params_target: PyTree, *, last: int, min_gap: int = 0, until: int | None = None
+) -> tuple[PyTree, list[int]]:
     """Averages the parameters of the newest ``last`` readable checkpoints (paper §6.1: 5 for base, 20 for big).
 
     Only the parameters are read, read-only; floating-point leaves are accumulated in float32 and cast back,
@@ -385,6 +387,8 @@ def average_checkpoints(directory, params_target: PyTree, *, last: int, min_gap:
       directory: the ``Checkpointer`` directory.
       params_target: abstract parameters as for ``Checkpointer.restore``.
       last: how many of the newest checkpoints to average.
+      min_gap: as for ``save_averaged``.
+      until: only checkpoints at or before this step (the run as it was then); None: all.
 
     Returns:
       ``(params, steps)``: the averaged parameters, and the steps used in increasing order.
@@ -393,18 +397,20 @@ def average_checkpoints(directory, params_target: PyTree, *, last: int, min_gap:
       CheckpointError: no checkpoint is readable.
       CheckpointMismatchError: as for ``Checkpointer.restore``.
     """
-    _, params, steps = _average(directory, params_target, last=last, min_gap=min_gap)
+    _, params, steps = _average(directory, params_target, last=last, min_gap=min_gap, until=until)
     return params, steps
 
 
-def save_averaged(directory, params_target: PyTree, *, last: int, min_gap: int = 0, max_to_keep: int = 3) -> list[int]:
+def save_averaged(
+    directory, params_target: PyTree, *, last: int, min_gap: int = 0, until: int | None = None, max_to_keep: int = 3
+) -> list[int]:
     """Averages the newest ``last`` checkpoints and writes ``{"params", "step"}`` to ``<directory>/averaged/<step>``.
 
     The averaged checkpoint lives in its own subdirectory, under the newest averaged step, so the training
     run's ``latest_step``, retention and resumption never see it; read it with ``read_params(directory,
     target, checkpoint="averaged")``. Its metadata gains ``"averaged_steps"``; ``config`` is the newest
-    checkpoint's. Rewrites an existing averaged checkpoint at the same step. Nothing else in ``directory`` is
-    written, created or deleted.
+    checkpoint's. Replaces existing averaged checkpoints at the same or a later step (``until``), so the average
+    just written is the one ``read_params`` reads. Nothing else in ``directory`` is written, created or deleted.
 
     Args:
       directory: the training run's checkpoint directory.
@@ -412,17 +418,19 @@ def save_averaged(directory, params_target: PyTree, *, last: int, min_gap: int =
       last: how many of the newest checkpoints to average.
       min_gap: skip a checkpoint fewer than this many steps before the next newer one taken (a run stopped by
         its time budget just after a periodic save would otherwise weigh its end twice).
+      until: only checkpoints at or before this step; None: all.
       max_to_keep: how many averaged checkpoints to keep.
 
     Returns:
       The steps averaged, in increasing order; the checkpoint is written under the last of them.
     """
-    newest, params, steps = _average(directory, params_target, last=last, min_gap=min_gap)
+    newest, params, steps = _average(directory, params_target, last=last, min_gap=min_gap, until=until)
     metadata = {**newest.metadata, "averaged_steps": steps}
     state = {"params": params, "step": jnp.asarray(newest.step, jnp.int32)}
     with Checkpointer(_join(directory, AVERAGED), max_to_keep=max_to_keep, async_save=False) as averaged:
-        if newest.step in averaged.all_steps():
-            averaged._manager.delete(newest.step)
+        for step in averaged.all_steps():  # a newer average would shadow this one for read_params
+            if step >= newest.step:
+                averaged._manager.delete(step)
         averaged.save(newest.step, state, config=newest.config, metadata=metadata, force=True)
     return steps
 
@@ -454,14 +462,16 @@ def read_params(directory, params_target: PyTree, *, checkpoint: str | int = "la
         return reader.restore({"params": params_target}, step=step)
 
 
-def _average(directory, params_target: PyTree, *, last: int, min_gap: int) -> tuple[Restored, PyTree, list[int]]:
+def _average(
+    directory, params_target: PyTree, *, last: int, min_gap: int, until: int | None = None
+) -> tuple[Restored, PyTree, list[int]]:
     if last < 1:
         raise ValueError(f"last must be at least 1, got {last}")
     target = {"params": params_target}
     with Checkpointer(directory, read_only=True) as checkpointer:
         newest, total, steps = None, None, []
         for step in sorted(checkpointer.all_steps(), reverse=True):
-            if steps and steps[-1] - step < min_gap:
+            if (until is not None and step > until) or (steps and steps[-1] - step < min_gap):
                 continue
             try:
                 restored = checkpointer.restore(target, step=step)
@@ -475,7 +485,8 @@ def _average(directory, params_target: PyTree, *, last: int, min_gap: int) -> tu
             if len(steps) == last:
                 break
     if newest is None:
-        raise CheckpointError(f"no restorable checkpoint to average in {directory}")
+        at = f" at or before step {until}" if until is not None else ""
+        raise CheckpointError(f"no restorable checkpoint{at} to average in {directory}")
     if len(steps) < last:
         logger.warning("averaging %d checkpoints (steps %s) instead of %d in %s", len(steps), steps, last, directory)
     averaged = jax.tree.map(lambda s, p: _mean(s, p, len(steps)), total, newest.state["params"])

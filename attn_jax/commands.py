@@ -50,7 +50,7 @@ def run(args, overrides: list[str]) -> int:
     elif args.command == "average":
         config = runs.read_config(args.workdir)
         _, target = runs.abstract_params(config)
-        steps = ckpt_lib.save_averaged(f"{args.workdir}/checkpoints", target, last=args.last)
+        steps = ckpt_lib.save_averaged(f"{args.workdir}/checkpoints", target, last=args.last, until=args.until)
         print(f"averaged the parameters of steps {steps}")
     return 0
 

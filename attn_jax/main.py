@@ -3,7 +3,7 @@
     attn-jax train --config experiments/ding_en_de.py --workdir runs/ding_en_de [--config.train.steps=100]
     attn-jax eval --workdir runs/ding_en_de [--checkpoint latest|averaged|STEP]
     attn-jax translate --workdir runs/ding_en_de "Where is the station?"     (or one sentence a line on stdin)
-    attn-jax average --workdir runs/ding_en_de --last 5
+    attn-jax average --workdir runs/ding_en_de --last 5 [--until STEP]
     attn-jax bench all --out experiments/results        (see attn_jax/bench/cli.py)
 
 A configuration error prints one line naming the field and exits with status 2, before anything compiles.
@@ -55,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     sub["translate"].add_argument("text", nargs="*", help="sentences; none: read stdin, one sentence a line")
     sub["average"].add_argument("--workdir", required=True)
     sub["average"].add_argument("--last", type=int, required=True, help="how many of the newest checkpoints")
+    sub["average"].add_argument("--until", type=int, help="only checkpoints at or before this step")
     return parser
 
 

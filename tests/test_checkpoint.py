@@ -293,6 +293,31 @@ def test_averaging_skips_a_checkpoint_saved_just_before_a_newer_one(tmp_path):
     assert save_averaged(tmp_path, _target()["params"], last=3, min_gap=50) == [100, 200, 301]
 
 
+def test_averaging_until_a_step_reads_the_run_as_it_was_then(tmp_path):
+    _save_steps(tmp_path, [100, 200, 300, 301], max_to_keep=4)
+    averaged, steps = average_checkpoints(tmp_path, _target()["params"], last=2, until=250)
+    assert steps == [100, 200]
+    expected = jax.tree.map(
+        lambda *leaves: np.mean([np.asarray(x, np.float64) for x in leaves], axis=0),
+        *[_trained_state(step)["params"] for step in steps],
+    )
+    for actual, want in zip(jax.tree.leaves(averaged), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(np.asarray(actual, np.float32), want, rtol=1e-6)
+    assert average_checkpoints(tmp_path, _target()["params"], last=3, min_gap=50, until=301)[1] == [100, 200, 301]
+    with pytest.raises(CheckpointError, match="at or before step 99"):
+        average_checkpoints(tmp_path, _target()["params"], last=2, until=99)
+
+
+def test_the_average_just_written_is_the_one_read_even_when_it_is_of_an_earlier_step(tmp_path):
+    _save_steps(tmp_path, [1, 2, 3], max_to_keep=3)
+    assert save_averaged(tmp_path, _target()["params"], last=2) == [2, 3]
+    assert save_averaged(tmp_path, _target()["params"], last=2, until=2) == [1, 2]
+    restored = read_params(tmp_path, _target()["params"], checkpoint="averaged")
+    assert restored.step == 2 and restored.metadata["averaged_steps"] == [1, 2]
+    _assert_states_equal(restored.state["params"], average_checkpoints(tmp_path, _target()["params"], last=2,
+                                                                       until=2)[0])  # fmt: skip
+
+
 def test_save_averaged_writes_a_separate_params_checkpoint_that_read_params_reads(tmp_path):
     _save_steps(tmp_path, [1, 2, 3])
     assert save_averaged(tmp_path, _target()["params"], last=2) == [2, 3]

@@ -199,6 +199,29 @@ def test_average_writes_only_its_folder_and_eval_and_translate_read_the_average(
     assert len(out.splitlines()) == 1
 
 
+def test_average_until_a_step_and_bench_families_score_the_run_as_it_was_then(ding_run, tmp_path):
+    """The BLEU-against-minutes curve of one run: ``average --until`` and ``bench families --average`` average
+    the saves up to a point; the average just written is the one ``--checkpoint averaged`` reads."""
+    _, workdir = ding_run
+    assert "[5, 10]" in ok(attn_jax("average", "--workdir", str(workdir), "--last", "2", cwd=tmp_path))
+    assert "[5]" in ok(attn_jax("average", "--workdir", str(workdir), "--last", "2", "--until", "7", cwd=tmp_path))
+    averaged = json.loads(ok(attn_jax("eval", "--workdir", str(workdir), "--checkpoint", "averaged", cwd=tmp_path)))
+    assert averaged["step"] == 5
+    too_early = attn_jax("average", "--workdir", str(workdir), "--last", "2", "--until", "4", cwd=tmp_path)
+    one_line_error(too_early, 1, "at or before step 4")
+    before = tree(workdir)
+    out = tmp_path / "curve"
+    ok(attn_jax("bench", "families", "--runs", str(workdir), "--budgets", "1e6", "--average", "2", "--quick",
+                "--out", str(out), cwd=tmp_path))  # fmt: skip
+    assert tree(workdir) == before  # the bench averages in memory
+    (entry,) = json.loads((out / "families.json").read_text())["runs"][0]["budgets"]
+    assert entry["step"] == 10 and entry["averaged_steps"] == [5, 10]
+    assert entry["validation_perplexity"] > 1 and entry["test_bleu"] is not None
+    assert "the average of the last 2 checkpoints" in (out / "families.md").read_text()
+    refused = attn_jax("bench", "families", "--runs", str(workdir), "--average", "0", cwd=tmp_path)
+    assert refused.returncode == 2 and "--average: expected a whole number of at least 1" in refused.stderr
+
+
 def test_readers_of_a_workdir_that_is_no_run_fail_in_one_line_and_create_nothing(tmp_path):
     missing = tmp_path / "no_such_run"
     for command in (["eval"], ["translate", "Hello."], ["average", "--last", "2"]):

@@ -69,8 +69,15 @@ def _parser() -> argparse.ArgumentParser:
     families = sub.add_parser("families", parents=[common], help="quality for compute of finished family runs")
     families.add_argument("--runs", nargs="+", required=True, help="workdirs of finished training runs")
     families.add_argument("--budgets", type=float, nargs="+", help="minutes of training (default 5 10 20)")
+    families.add_argument("--average", type=_count, default=1, help="score the average of the last K saves (default 1)")
     sub.add_parser("all", parents=[common], help="every section in turn, one matmul ceiling for all")
     return parser
+
+
+def _count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
 
 
 def _given(**options) -> dict:
@@ -133,7 +140,7 @@ def run_section(section: str, args: argparse.Namespace, argv: Sequence[str], cei
 
         budgets = _given(budgets=args.budgets and tuple(args.budgets))
         limit = {"max_sentences": 8} if quick else {}
-        return families.run(args.runs, out=args.out, argv=argv, **budgets, **limit)
+        return families.run(args.runs, average=args.average, out=args.out, argv=argv, **budgets, **limit)
     if section == "accelerator":
         configs = getattr(args, "configs", ("base", "big"))  # `all` has no --configs
         sizes = dict(sizes=("quick",), repeats=1) if quick else dict(sizes=tuple(configs))

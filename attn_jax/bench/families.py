@@ -9,6 +9,8 @@
     attn-jax train --config experiments/rnn_encdec_ding_en_de.py --workdir runs/families/rnn_encdec
     attn-jax bench families --runs runs/families/transformer runs/families/rnnsearch runs/families/rnn_encdec \\
         --budgets 5 10 20 --out experiments/results
+    # test BLEU against minutes of one run, scored as its final evaluation is: the average of the last 5 saves
+    attn-jax bench families --runs runs/ding_en_de_60 --budgets 5 10 20 40 60 --average 5 --out DIR
 
 One 20-minute run per family serves every budget: the learning-rate schedule does not depend on the budget, so
 the model of a 5-minute run is the 20-minute run's model at 5 minutes. For each run and budget this section
@@ -17,7 +19,9 @@ the time per step of the logged training records, extrapolated back over the fir
 run's own ``train.time_budget_minutes`` picks its last checkpoint) and scores it: validation perplexity, test
 sacreBLEU (beam search as the run's ``config.eval`` says), and test BLEU of sentences bucketed by source length in
 words (Bahdanau et al.'s Figure 2: the fixed-vector model degrades
-with length). Training tokens/s is the median of the run's logged rates. The runs must be uninterrupted (a
+with length). With ``--average K`` each budget scores the average of the last K checkpoints within it, skipping
+a save made less than half a checkpoint interval before a newer one, as the training loop's final evaluation does
+(``eval.average_last``). Training tokens/s is the median of the run's logged rates. The runs must be uninterrupted (a
 resumed run's clock restarts) and keep their early checkpoints (``train.keep_checkpoints``).
 
 Writes ``families.{json,md,png}`` (BLEU and perplexity against minutes) and ``families_length.png`` (BLEU by
@@ -34,9 +38,10 @@ from etils import epath
 from attn_jax import runs as runs_lib
 from attn_jax.bench import results
 from attn_jax.bleu import bleu
-from attn_jax.checkpoint import Checkpointer
+from attn_jax.checkpoint import Checkpointer, average_checkpoints
 from attn_jax.data.datasets import build_eval_datasets
 from attn_jax.evaluate import evaluate_loss, translation_quality
+from attn_jax.loop import averaging_gap
 from attn_jax.metrics import read_metrics
 from attn_jax.train import eval_step
 
@@ -102,9 +107,23 @@ def length_buckets(pairs, hypotheses, edges=LENGTH_EDGES) -> list[dict]:
     return buckets
 
 
-def score_checkpoint(workdir, config, step: int, *, max_sentences: int | None = None) -> dict:
-    """Validation perplexity, test sacreBLEU and test BLEU by source length of one checkpoint of a run."""
-    model = runs_lib.load_model(workdir, config, checkpoint=step)
+def load_average(workdir, config, step: int, average: int) -> tuple[runs_lib.Model, list[int]]:
+    """``(the run's model with the average of its last ``average`` checkpoints at or before ``step``, their
+    steps)``; averaged as the training loop's final evaluation averages."""
+    model_config, target = runs_lib.abstract_params(config)
+    params, steps = average_checkpoints(
+        epath.Path(workdir) / "checkpoints", target, last=average, min_gap=averaging_gap(config.train), until=step
+    )
+    return runs_lib.Model(config, model_config, params, step, runs_lib.run_tokenizer(workdir, config)), steps
+
+
+def score_checkpoint(workdir, config, step: int, *, average: int = 1, max_sentences: int | None = None) -> dict:
+    """Validation perplexity, test sacreBLEU and test BLEU by source length of one checkpoint of a run, or of the
+    average of its last ``average`` checkpoints up to that one."""
+    if average > 1:
+        model, averaged_steps = load_average(workdir, config, step, average)
+    else:
+        model, averaged_steps = runs_lib.load_model(workdir, config, checkpoint=step), [step]
     data = build_eval_datasets(config, workdir, tokenizer=model.tokenizer)
     evaluate = jax.jit(functools.partial(eval_step, model_config=model.model_config))
     validation = evaluate_loss(evaluate, model.params, data.eval_batches())
@@ -114,6 +133,7 @@ def score_checkpoint(workdir, config, step: int, *, max_sentences: int | None = 
     )
     return {
         "step": step,
+        "averaged_steps": averaged_steps,
         "validation_perplexity": validation.get("perplexity"),
         "validation_loss": validation.get("loss"),
         "test_bleu": test.get("bleu"),
@@ -122,7 +142,7 @@ def score_checkpoint(workdir, config, step: int, *, max_sentences: int | None = 
     }
 
 
-def score_run(workdir, budgets=BUDGETS, *, max_sentences: int | None = None) -> dict:
+def score_run(workdir, budgets=BUDGETS, *, average: int = 1, max_sentences: int | None = None) -> dict:
     """A run's family, tokens/s and its scores at each budget (None where no checkpoint is that early)."""
     config = runs_lib.read_config(workdir)
     records = read_metrics(epath.Path(workdir) / "metrics.jsonl")
@@ -144,17 +164,18 @@ def score_run(workdir, budgets=BUDGETS, *, max_sentences: int | None = None) -> 
         step = max(steps) if steps and 0 < own_budget <= budget else checkpoint_within(steps, minutes, budget)
         entry = {"budget_minutes": budget, "step": step}
         if step is not None:
-            entry |= score_checkpoint(workdir, config, step, max_sentences=max_sentences)
+            entry |= score_checkpoint(workdir, config, step, average=average, max_sentences=max_sentences)
             entry["minutes"] = float(np.interp(step, sorted(minutes), [minutes[s] for s in sorted(minutes)]))
         run["budgets"].append(entry)
         print(f"families: {run['family']} at {budget:g} min: step {step}, test BLEU {entry.get('test_bleu')}")
     return run
 
 
-def run(runs, budgets=BUDGETS, *, out=None, max_sentences: int | None = None, argv=None) -> dict:
+def run(runs, budgets=BUDGETS, *, average: int = 1, out=None, max_sentences: int | None = None, argv=None) -> dict:
     """The whole section over finished ``runs`` (workdirs); writes ``families.*`` under ``out`` when given."""
     report = results.header("families", argv) | {"budgets": list(budgets), "length_edges": list(LENGTH_EDGES)}
-    report["runs"] = [score_run(workdir, budgets, max_sentences=max_sentences) for workdir in runs]
+    report["average"] = average
+    report["runs"] = [score_run(workdir, budgets, average=average, max_sentences=max_sentences) for workdir in runs]
     if out is not None:
         results.write(out, "families", report, markdown(report), figure(report))
         length_figure(report).savefig(f"{out}/families_length.png", dpi=100)
@@ -162,10 +183,12 @@ def run(runs, budgets=BUDGETS, *, out=None, max_sentences: int | None = None, ar
 
 
 def markdown(report: dict) -> str:
+    average = report.get("average", 1)
+    scored = f"the average of the last {average} checkpoints" if average > 1 else "the newest checkpoint"
     lines = [
         "# Quality for compute: the model families on ding_en_de",
         "",
-        "Each family's own config, trained once for the largest budget and scored at the newest checkpoint within "
+        f"Each family's own config, trained once for the largest budget and scored at {scored} within "
         "each budget (minutes of training from the first step). Test sacreBLEU on detokenized text; validation "
         "perplexity per target token; training target tokens/s (median of the logged rates).",
         "",
