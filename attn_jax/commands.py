@@ -50,7 +50,9 @@ def run(args, overrides: list[str]) -> int:
     elif args.command == "average":
         config = runs.read_config(args.workdir)
         _, target = runs.abstract_params(config)
-        steps = ckpt_lib.save_averaged(f"{args.workdir}/checkpoints", target, last=args.last, until=args.until)
+        gap = runs.averaging_gap(config.train)  # the steps the final evaluation would average
+        steps = ckpt_lib.save_averaged(f"{args.workdir}/checkpoints", target, last=args.last, min_gap=gap,
+                                       until=args.until)  # fmt: skip
         print(f"averaged the parameters of steps {steps}")
     return 0
 

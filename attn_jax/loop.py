@@ -27,7 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from attn_jax import checkpoint as ckpt_lib
 from attn_jax import config as config_lib
-from attn_jax import hosts, parallel
+from attn_jax import hosts, parallel, runs
 from attn_jax.data.datasets import build_datasets
 from attn_jax.evaluate import evaluate_loss, translation_quality
 from attn_jax.metrics import MetricsWriter, ProgressBar
@@ -121,7 +121,7 @@ def _finish(config, model_config, steps, device_state, datasets, writer, checkpo
     extra = {}
     if config.eval.average_last > 1:
         device_state, extra["averaged_steps"] = _average_last(
-            config.eval.average_last, averaging_gap(config.train), steps, device_state, checkpointer
+            config.eval.average_last, runs.averaging_gap(config.train), steps, device_state, checkpointer
         )
         log.info("evaluating the average of the checkpoints of steps %s", extra["averaged_steps"])
     config, extra["decoding"] = _choose_decoding(config, model_config, steps.get_state(device_state).params, datasets,
@@ -130,12 +130,6 @@ def _finish(config, model_config, steps, device_state, datasets, writer, checkpo
     params = steps.get_state(device_state).params
     final_report(config, model_config, params, datasets, workdir, results, step=step, writer=writer, mesh=steps.mesh)
     return results
-
-
-def averaging_gap(train_config) -> int:
-    """The fewest steps between two checkpoints averaged together: half a checkpoint interval, so the time budget's
-    final save just after a periodic one does not weigh the run's end twice."""
-    return train_config.checkpoint_every // 2
 
 
 def _average_last(count: int, min_gap: int, steps, device_state, checkpointer) -> tuple:

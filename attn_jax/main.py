@@ -14,6 +14,8 @@ import logging
 import os
 import sys
 
+from attn_jax import malloc
+
 _COMMANDS = {
     "prepare": "train the tokenizer and encode the data set into token ids (train does it when needed)",
     "train": "train, resuming from the newest checkpoint in the workdir",
@@ -54,7 +56,8 @@ def _parser() -> argparse.ArgumentParser:
         sub[name].epilog = "--config.a.b=VALUE overrides apply to the run's config, e.g. --config.eval.beam_size=8."
     sub["translate"].add_argument("text", nargs="*", help="sentences; none: read stdin, one sentence a line")
     sub["average"].add_argument("--workdir", required=True)
-    sub["average"].add_argument("--last", type=int, required=True, help="how many of the newest checkpoints")
+    last = "how many of the newest checkpoints (as the run's own average: not two under half an interval apart)"
+    sub["average"].add_argument("--last", type=int, required=True, help=last)
     sub["average"].add_argument("--until", type=int, help="only checkpoints at or before this step")
     return parser
 
@@ -94,6 +97,7 @@ def _join_spaced_overrides(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    malloc.reuse_freed_memory()  # before JAX runs anything: no page faults in CPU steps (attn_jax/malloc.py)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
         from attn_jax.bench.cli import main as bench

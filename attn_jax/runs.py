@@ -32,8 +32,10 @@ class Model:
       config: the run's experiment config (with the reader's overrides applied).
       model_config: the model's static configuration.
       params: the parameters of the chosen checkpoint.
-      step: that checkpoint's step.
+      step: that checkpoint's step (of an average: the newest step averaged).
       tokenizer: the run's SentencePiece model, or None for token-id tasks (the copy task).
+      averaged_steps: the steps whose parameters were averaged into ``params`` (``load_model(average=K)``);
+        empty for one checkpoint.
     """
 
     config: ml_collections.ConfigDict
@@ -41,6 +43,7 @@ class Model:
     params: dict
     step: int
     tokenizer: object | None
+    averaged_steps: tuple[int, ...] = ()
 
 
 def read_config(workdir, overrides=(), *, experiment: str | None = None) -> ml_collections.ConfigDict:
@@ -70,17 +73,38 @@ def abstract_params(config: ml_collections.ConfigDict):
     return model_config, state.params
 
 
-def load_model(workdir, config: ml_collections.ConfigDict, *, checkpoint: str | int = "latest") -> Model:
+def load_model(
+    workdir, config: ml_collections.ConfigDict, *, checkpoint: str | int = "latest", average: int = 1
+) -> Model:
     """The parameters of ``checkpoint`` (``"latest"``, ``"averaged"`` or a step) and the tokenizer, read-only.
+
+    With ``average`` > 1, the average of the run's last ``average`` checkpoints at or before ``checkpoint``
+    (``"latest"`` or a step), taken as the training loop's final evaluation takes it (``averaging_gap``): the
+    run as its final evaluation would have scored it had it stopped there. Nothing is written.
 
     Raises:
       CheckpointError: no such checkpoint (the message says what to run first).
       CheckpointMismatchError: the config's model does not match the checkpoint's shapes.
+      ConfigError: ``average`` > 1 with ``checkpoint="averaged"``.
     """
     workdir = epath.Path(workdir)
     model_config, target = abstract_params(config)
-    restored = ckpt_lib.read_params(workdir / "checkpoints", target, checkpoint=checkpoint)
+    directory = workdir / "checkpoints"
+    if average > 1:
+        if checkpoint == ckpt_lib.AVERAGED:
+            raise ConfigError("average: the averaged checkpoint is already an average; pass 'latest' or a step")
+        until = None if checkpoint == "latest" else int(checkpoint)
+        gap = averaging_gap(config.train)
+        params, steps = ckpt_lib.average_checkpoints(directory, target, last=average, min_gap=gap, until=until)
+        return Model(config, model_config, params, steps[-1], run_tokenizer(workdir, config), tuple(steps))
+    restored = ckpt_lib.read_params(directory, target, checkpoint=checkpoint)
     return Model(config, model_config, restored.state["params"], restored.step, run_tokenizer(workdir, config))
+
+
+def averaging_gap(train_config) -> int:
+    """The fewest steps between two checkpoints averaged together: half a checkpoint interval, so the time budget's
+    final save just after a periodic one does not weigh the run's end twice."""
+    return train_config.checkpoint_every // 2
 
 
 def run_tokenizer(workdir, config: ml_collections.ConfigDict):

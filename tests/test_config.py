@@ -132,17 +132,18 @@ def test_ding_arguments():
     [
         ("ding_en_de.py", False),
         ("ding_en_de.py:bidirectional", True),
-        ("ding_en_de.py:hour", True),
-        ("ding_en_de.py:hour,bidirectional=false", False),  # an argument overrides the preset's recipe
-        ("ding_en_de.py:hour,bidirectional=False", False),
+        ("ding_en_de.py:hour", False),  # the hour preset is the same recipe, trained longer
+        ("ding_en_de.py:hour,bidirectional", True),
+        ("ding_en_de.py:bidirectional=false", False),
+        ("ding_en_de.py:bidirectional=True", True),
     ],
 )
-def test_ding_bidirectional_argument_overrides_the_recipe_both_ways(spec, expected):
+def test_ding_bidirectional_argument_turns_both_directions_on_and_off(spec, expected):
     assert _load(spec).data.bidirectional is expected
 
 
 def test_ding_bidirectional_argument_rejects_other_words():
-    with pytest.raises(ConfigError, match="argument bidirectional: expected true or false, got 'maybe'"):
+    with pytest.raises(ConfigError, match="argument bidirectional: expected bool, got 'maybe'"):
         _load("ding_en_de.py:bidirectional=maybe")
 
 

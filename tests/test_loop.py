@@ -291,6 +291,22 @@ def test_the_final_average_skips_a_periodic_save_made_just_before_the_last_one(t
         "train.eval_every=100", "eval.average_last=2",
     )  # fmt: skip
     assert results["averaged_steps"] == [4, 9]
+    # Readers pick the steps the same way: `attn-jax average`, and load_model(average=) up to a step (bench families).
+    runs, _ = _readers()
+    main = importlib.import_module("attn_jax.main").main
+    assert main(["average", "--workdir", str(tmp_path), "--last", "2"]) == 0
+    config = runs.read_config(tmp_path)
+    written = ckpt_lib.read_params(tmp_path / "checkpoints", runs.abstract_params(config)[1], checkpoint="averaged")
+    assert written.metadata["averaged_steps"] == [4, 9]
+    params = {step: runs.load_model(tmp_path, config, checkpoint=step).params for step in (4, 8, 9)}
+    for until, expected in (("latest", [4, 9]), (9, [4, 9]), (8, [4, 8])):
+        model = runs.load_model(tmp_path, config, checkpoint=until, average=2)
+        assert list(model.averaged_steps) == expected and model.step == expected[-1]
+        mean = jax.tree.map(lambda a, b: (np.float64(a) + np.float64(b)) / 2, *(params[s] for s in expected))
+        for got, want in zip(jax.tree.leaves(model.params), jax.tree.leaves(mean), strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    with pytest.raises(runs.ConfigError, match="already an average"):
+        runs.load_model(tmp_path, config, checkpoint="averaged", average=2)
 
 
 def test_decay_to_budget_takes_the_learning_rate_linearly_to_zero_at_the_deadline(monkeypatch):

@@ -38,10 +38,9 @@ from etils import epath
 from attn_jax import runs as runs_lib
 from attn_jax.bench import results
 from attn_jax.bleu import bleu
-from attn_jax.checkpoint import Checkpointer, average_checkpoints
+from attn_jax.checkpoint import Checkpointer
 from attn_jax.data.datasets import build_eval_datasets
 from attn_jax.evaluate import evaluate_loss, translation_quality
-from attn_jax.loop import averaging_gap
 from attn_jax.metrics import read_metrics
 from attn_jax.train import eval_step
 
@@ -107,23 +106,10 @@ def length_buckets(pairs, hypotheses, edges=LENGTH_EDGES) -> list[dict]:
     return buckets
 
 
-def load_average(workdir, config, step: int, average: int) -> tuple[runs_lib.Model, list[int]]:
-    """``(the run's model with the average of its last ``average`` checkpoints at or before ``step``, their
-    steps)``; averaged as the training loop's final evaluation averages."""
-    model_config, target = runs_lib.abstract_params(config)
-    params, steps = average_checkpoints(
-        epath.Path(workdir) / "checkpoints", target, last=average, min_gap=averaging_gap(config.train), until=step
-    )
-    return runs_lib.Model(config, model_config, params, step, runs_lib.run_tokenizer(workdir, config)), steps
-
-
 def score_checkpoint(workdir, config, step: int, *, average: int = 1, max_sentences: int | None = None) -> dict:
     """Validation perplexity, test sacreBLEU and test BLEU by source length of one checkpoint of a run, or of the
     average of its last ``average`` checkpoints up to that one."""
-    if average > 1:
-        model, averaged_steps = load_average(workdir, config, step, average)
-    else:
-        model, averaged_steps = runs_lib.load_model(workdir, config, checkpoint=step), [step]
+    model = runs_lib.load_model(workdir, config, checkpoint=step, average=average)
     data = build_eval_datasets(config, workdir, tokenizer=model.tokenizer)
     evaluate = jax.jit(functools.partial(eval_step, model_config=model.model_config))
     validation = evaluate_loss(evaluate, model.params, data.eval_batches())
@@ -133,7 +119,7 @@ def score_checkpoint(workdir, config, step: int, *, average: int = 1, max_senten
     )
     return {
         "step": step,
-        "averaged_steps": averaged_steps,
+        "averaged_steps": list(model.averaged_steps or [step]),
         "validation_perplexity": validation.get("perplexity"),
         "validation_loss": validation.get("loss"),
         "test_bleu": test.get("bleu"),
