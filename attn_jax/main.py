@@ -15,6 +15,7 @@ import os
 import sys
 
 from attn_jax import malloc
+from attn_jax.arguments import count
 
 _COMMANDS = {
     "prepare": "train the tokenizer and encode the data set into token ids (train does it when needed)",
@@ -57,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     sub["translate"].add_argument("text", nargs="*", help="sentences; none: read stdin, one sentence a line")
     sub["average"].add_argument("--workdir", required=True)
     last = "how many of the newest checkpoints (as the run's own average: not two under half an interval apart)"
-    sub["average"].add_argument("--last", type=int, required=True, help=last)
+    sub["average"].add_argument("--last", type=count, required=True, help=last)
     sub["average"].add_argument("--until", type=int, help="only checkpoints at or before this step")
     return parser
 

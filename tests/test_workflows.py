@@ -218,8 +218,13 @@ def test_average_until_a_step_and_bench_families_score_the_run_as_it_was_then(di
     assert entry["step"] == 10 and entry["averaged_steps"] == [5, 10]
     assert entry["validation_perplexity"] > 1 and entry["test_bleu"] is not None
     assert "the average of the last 2 checkpoints" in (out / "families.md").read_text()
-    refused = attn_jax("bench", "families", "--runs", str(workdir), "--average", "0", cwd=tmp_path)
-    assert refused.returncode == 2 and "--average: expected a whole number of at least 1" in refused.stderr
+    before = tree(workdir)
+    for flag, command in (("--average", ["bench", "families", "--runs"]), ("--last", ["average", "--workdir"])):
+        for bad in ("0", "-1", "two"):
+            refused = attn_jax(*command, str(workdir), flag, bad, cwd=tmp_path)
+            assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+            assert f"{flag}: expected a whole number of at least 1, got '{bad}'" in refused.stderr.splitlines()[-1]
+    assert tree(workdir) == before
 
 
 def test_readers_of_a_workdir_that_is_no_run_fail_in_one_line_and_create_nothing(tmp_path):

@@ -24,6 +24,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from attn_jax.arguments import count
 from attn_jax.bench import results
 
 SECTIONS = ("attention", "train", "decode", "compile", "scaling", "pipeline", "table1")
@@ -69,15 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     families = sub.add_parser("families", parents=[common], help="quality for compute of finished family runs")
     families.add_argument("--runs", nargs="+", required=True, help="workdirs of finished training runs")
     families.add_argument("--budgets", type=float, nargs="+", help="minutes of training (default 5 10 20)")
-    families.add_argument("--average", type=_count, default=1, help="score the average of the last K saves (default 1)")
+    families.add_argument("--average", type=count, default=1, help="score the average of the last K saves (default 1)")
     sub.add_parser("all", parents=[common], help="every section in turn, one matmul ceiling for all")
     return parser
-
-
-def _count(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
-    return int(text)
 
 
 def _given(**options) -> dict:
