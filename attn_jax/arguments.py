@@ -4,7 +4,7 @@ import argparse
 
 
 def count(text: str) -> int:
-    """A whole number of at least 1 (how many checkpoints to average, say), or argparse's one-line error."""
+    """A whole number of at least 1 (how many checkpoints to average, say); anything else is argparse's usage error."""
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
     return int(text)

@@ -218,7 +218,6 @@ def test_average_until_a_step_and_bench_families_score_the_run_as_it_was_then(di
     assert entry["step"] == 10 and entry["averaged_steps"] == [5, 10]
     assert entry["validation_perplexity"] > 1 and entry["test_bleu"] is not None
     assert "the average of the last 2 checkpoints" in (out / "families.md").read_text()
-    before = tree(workdir)
     for flag, command in (("--average", ["bench", "families", "--runs"]), ("--last", ["average", "--workdir"])):
         for bad in ("0", "-1", "two"):
             refused = attn_jax(*command, str(workdir), flag, bad, cwd=tmp_path)
