@@ -8,8 +8,13 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 # LLVM without optimisation: the tests' tiny programs spend far longer compiling than running (about a third
 # less CPU time for a training run). XLA's HLO passes, and so the fusions and numerics tested, are unchanged.
 FAST_COMPILE = "--xla_backend_optimization_level=0"
-if FAST_COMPILE not in os.environ["XLA_FLAGS"]:
-    os.environ["XLA_FLAGS"] += " " + FAST_COMPILE
+# XLA:CPU aborts a process whose collective waits past a deadline for the other simulated devices' threads; with
+# both pytest workers and 8 device threads on 2 cores, a pmap all-reduce once missed it (test_workflows.py's pmap
+# run, 2026-12-03). A slow test is a test; an abort is a false failure.
+PATIENT_COLLECTIVES = "--xla_cpu_collective_call_terminate_timeout_seconds=900"
+for flag in (FAST_COMPILE, PATIENT_COLLECTIVES):
+    if flag not in os.environ["XLA_FLAGS"]:
+        os.environ["XLA_FLAGS"] += " " + flag
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import jax  # noqa: E402
